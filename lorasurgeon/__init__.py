@@ -1,0 +1,43 @@
+"""lorasurgeon: offline checkpoint surgery for LoRA on safetensors files.
+
+The public API: ``merge`` and ``plan_merge`` fold PEFT LoRA adapters into a base checkpoint
+exactly as PEFT's ``merge_and_unload()`` does; ``summarize`` describes a checkpoint or adapter;
+``open_checkpoint`` reads a checkpoint by header. Importing this package does not import torch.
+"""
+
+from .errors import (
+    AdapterError,
+    CheckpointError,
+    IncompatibleError,
+    LocationError,
+    LorasurgeonError,
+    OptionError,
+    OutputError,
+)
+from .merge import MergePlan, MergeReport, merge, plan_merge
+from .reader import Checkpoint, TensorInfo, open_checkpoint
+from .summary import Summary, summarize
+from .writer import parse_size
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "Checkpoint",
+    "CheckpointError",
+    "IncompatibleError",
+    "LocationError",
+    "LorasurgeonError",
+    "MergePlan",
+    "MergeReport",
+    "OptionError",
+    "OutputError",
+    "Summary",
+    "TensorInfo",
+    "__version__",
+    "merge",
+    "open_checkpoint",
+    "parse_size",
+    "plan_merge",
+    "summarize",
+]

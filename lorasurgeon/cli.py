@@ -1,0 +1,274 @@
+"""The ``lorasurgeon`` command: click commands over the public API.
+
+The only module that imports click or tqdm, prints, or exits. Errors are reported in one place,
+``main``: a ``LorasurgeonError`` prints one ``error:`` line and exits 1; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import click
+
+import lorasurgeon as api
+
+F = TypeVar("F", bound=Callable[..., Any])
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n:,} ({n / scale:.2f}{unit})"
+    return f"{n:,}"
+
+
+class SizeParam(click.ParamType):
+    """A byte size: 5GB, 500MB, 2GiB or a plain number of bytes."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            return api.parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+class DeviceParam(click.ParamType):
+    """auto, cpu, cuda or cuda:N."""
+
+    name = "auto|cpu|cuda|cuda:N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        if not _DEVICE.match(str(value)):
+            self.fail(f"{value!r} is not auto, cpu, cuda or cuda:N", param, ctx)
+        return str(value)
+
+
+def _common(f: F) -> F:
+    f = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")(f)
+    f = click.option("--debug", is_flag=True, help="Show a traceback on errors.")(f)
+    return f
+
+
+class _Bar:
+    """A tqdm bar by bytes on stderr, created on the first progress report."""
+
+    def __init__(self, quiet: bool, desc: str) -> None:
+        self.disabled = quiet or not sys.stderr.isatty()
+        self.desc = desc
+        self.bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.disabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=total, unit="B", unit_scale=True, desc=self.desc, file=sys.stderr,
+                dynamic_ncols=True,
+            )  # fmt: skip
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(api.__version__, prog_name="lorasurgeon")
+def cli() -> None:
+    """Operate on checkpoints without loading a model.
+
+    Fold PEFT LoRA adapters into safetensors checkpoints (`merge`) and see what a checkpoint
+    or adapter holds (`inspect`). Every LOCATION is a checkpoint directory, a .safetensors
+    file, a PEFT adapter directory, or a Hub repo id owner/name[@revision].
+
+    \b
+    Examples:
+      lorasurgeon inspect fixtures/adapter
+      lorasurgeon merge fixtures/base fixtures/adapter -o merged
+      lorasurgeon merge meta-llama/Llama-3.1-8B me/my-lora -o llama-merged
+    """
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...")
+@click.option("-o", "--output", "out", required=True, metavar="OUT",
+              help="Output directory (a file when BASE is a .safetensors file).")
+@click.option("--weight", "weights", multiple=True, type=float, metavar="W",
+              help="Scale of each adapter's update, once per adapter, in order [default: 1.0].")
+@click.option("--unmerge", is_flag=True, help="Subtract the updates instead (undo a merge).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              default="auto", show_default=True,
+              help="Output dtype of floating-point tensors; auto keeps each tensor's dtype.")
+@click.option("--max-shard-size", type=SizeParam(), default=None,
+              help="Re-shard the output, e.g. 5GB [default: keep the base's shards].")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once done).")
+@click.option("--dry-run", is_flag=True, help="Print which tensors would change; write nothing.")
+@click.option("--device", type=DeviceParam(), default="auto", show_default=True,
+              help="Where to compute: the first GPU when there is one, else the CPU.")
+@_common
+def merge(
+    base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], unmerge: bool,
+    dtype: str, max_shard_size: int | None, overwrite: bool, dry_run: bool, device: str,
+    quiet: bool, debug: bool,
+) -> None:  # fmt: skip
+    """Fold LoRA ADAPTERs into BASE, as PEFT's merge_and_unload() does.
+
+    Each changed tensor is computed in float32 and rounded once; every other tensor is copied
+    byte for byte. Tensor names, shard files, the index, metadata and the base's other files
+    (config, tokenizer) are kept, so OUT loads with from_pretrained like BASE. Nothing appears
+    at OUT unless the whole run succeeds.
+
+    \b
+    Examples:
+      lorasurgeon merge fixtures/base fixtures/adapter -o merged
+      lorasurgeon merge base/ style/ subject/ --weight 0.7 --weight 0.4 -o mixed
+      lorasurgeon merge merged/ fixtures/adapter --unmerge -o restored
+    """
+    if weights and len(weights) != len(adapters):
+        raise click.UsageError(
+            f"--weight was given {len(weights)} times for {len(adapters)} adapters; "
+            "give it once per adapter, in order"
+        )
+    options = dict(weights=list(weights) or None, unmerge=unmerge, dtype=dtype,
+                   max_shard_size=max_shard_size)  # fmt: skip
+    if dry_run:
+        _print_plan(api.plan_merge(base, adapters, out, **options))  # type: ignore[arg-type]
+        return
+    bar = _Bar(quiet, "merge")
+    try:
+        report = api.merge(
+            base, adapters, out, overwrite=overwrite, device=device, progress=bar,
+            **options,  # type: ignore[arg-type]
+        )  # fmt: skip
+    finally:
+        bar.close()
+    click.echo(
+        f"wrote {report.out}: {report.changed} tensors merged, {report.copied} copied, "
+        f"{_size(report.bytes_written)} in {report.seconds:.1f} s",
+        err=True,
+    )
+
+
+def _print_plan(plan: api.MergePlan) -> None:
+    changes = plan.changes
+    verb = "unmerge" if plan.unmerge else "merge"
+    click.echo(f"dry run: {verb} would change {len(changes)} of {len(plan.tensors)} tensors")
+    for name, items in changes.items():
+        click.echo(f"  {name}: {'; '.join(items)}")
+    shards = len(plan.layout.shards)
+    click.echo(
+        f"{len(plan.tensors) - len(changes)} tensors copied unchanged; output: "
+        f"{'one file' if plan.output_is_file else f'{shards} shard(s)'}, "
+        f"{_size(plan.layout.total_size)}; nothing was written"
+    )
+
+
+@cli.command(name="inspect")
+@click.argument("location")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_common
+def inspect_command(location: str, as_json: bool, quiet: bool, debug: bool) -> None:
+    """Show what a checkpoint or adapter at LOCATION holds.
+
+    Format, tensor count, parameters, dtypes and size; for an adapter also its targets and
+    each module's rank, alpha and scaling. Reads headers only.
+
+    \b
+    Examples:
+      lorasurgeon inspect fixtures/base
+      lorasurgeon inspect fixtures/adapter --json
+    """
+    summary = api.summarize(location)
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2))
+        return
+    for line in _summary_lines(summary):
+        click.echo(line)
+
+
+def _summary_lines(s: api.Summary) -> list[str]:
+    dtypes = ", ".join(f"{k} {_count(v)}" for k, v in s.dtypes.items())
+    lines = [
+        f"location:   {s.location}", f"kind:       {s.kind}", f"format:     {s.format}",
+        f"tensors:    {s.tensors}", f"parameters: {_count(s.parameters)}",
+        f"size:       {_size(s.size_bytes)}", f"dtypes:     {dtypes}",
+    ]  # fmt: skip
+    if s.model_type:
+        lines.append(f"model_type: {s.model_type}")
+    if s.kind != "adapter":
+        return lines
+    lines += [
+        f"peft_type:  {s.peft_type}", f"r:          {s.r}", f"lora_alpha: {s.lora_alpha:g}",
+        f"rslora:     {s.use_rslora}", f"dora:       {s.use_dora}", f"targets:    {s.target_modules}",
+        f"modules:    {len(s.modules)}",
+    ]  # fmt: skip
+    width = max((len(m.module) for m in s.modules), default=6)
+    lines.append(f"  {'module':<{width}}  rank  alpha  scaling")
+    for m in s.modules:
+        dora = "  dora" if m.dora else ""
+        lines.append(f"  {m.module:<{width}}  {m.rank:>4}  {m.alpha:>5g}  {m.scaling:>7.4g}{dora}")
+    if s.saved_whole:
+        lines.append(f"saved whole: {', '.join(s.saved_whole)}")
+    if s.ignored_modules:
+        lines.append(f"ignored (not selected by the config): {', '.join(s.ignored_modules)}")
+    return lines
+
+
+class _WarningFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"warning: {record.getMessage()}"
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("lorasurgeon")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_WarningFormatter())
+        handler.setLevel(logging.WARNING)
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the command line and exit: 0 on success, 1 on a failed run, 2 on a usage error."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    _setup_logging()
+    try:
+        cli.main(args=args, prog_name="lorasurgeon", standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, click.Abort):
+        click.echo("error: interrupted; nothing was written", err=True)
+        sys.exit(1)
+    except api.LorasurgeonError as e:
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except Exception as e:
+        if debug:
+            raise
+        click.echo(f"error: internal error: {type(e).__name__}: {e} (rerun with --debug)", err=True)
+        sys.exit(1)
+    sys.exit(0)

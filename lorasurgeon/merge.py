@@ -1,0 +1,651 @@
+"""Fold PEFT LoRA adapters into a base checkpoint, tensor by tensor: ``plan_merge`` and ``merge``.
+
+Planning reads headers only and surfaces every error visible in metadata. Execution streams:
+untouched tensors are copied by the kernel, changed ones are read, merged in float32 and
+written at their planned offsets, while the next ones are being read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .adapters import Adapter, LoraModule, open_adapter
+from .errors import AdapterError, IncompatibleError, OptionError
+from .locations import Location, Role, resolve
+from .pipeline import Worker, prefetch
+from .reader import (
+    FLOAT_DTYPES,
+    Checkpoint,
+    TensorFiles,
+    TensorInfo,
+    as_tensor,
+    open_checkpoint,
+    side_files,
+    torch_dtype,
+)
+from .targets import INPUT_EMBEDDING_NAMES, OUTPUT_EMBEDDING_NAMES, is_conv1d_module
+from .writer import (
+    CheckpointWriter,
+    OutputLayout,
+    OutputTensor,
+    check_output_path,
+    parse_size,
+    plan_layout,
+)
+
+__all__ = ["Change", "MergePlan", "MergeReport", "TensorPlan", "merge", "plan_merge"]
+
+logger = logging.getLogger(__name__)
+
+#: ``progress(done_bytes, total_bytes)``, called from worker threads as output is written.
+ProgressCallback = Callable[[int, int], None]
+DTYPE_CHOICES = {"auto": None, "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+@dataclass(frozen=True)
+class Change:
+    """One adapter's contribution to one output tensor.
+
+    ``kind`` is ``lora``, ``dora``, ``lora_bias`` (``scaling · lora_B.bias`` added to a bias),
+    ``replace`` (the adapter saved the tensor whole) or ``rows`` (trainable token rows).
+    ``scaling`` already includes the adapter's weight and, for unmerge, the sign.
+    """
+
+    adapter: int
+    kind: str
+    module: str
+    source: TensorInfo | None = None
+    lora: LoraModule | None = None
+    transposed: bool = False
+    scaling: float = 1.0
+    indices: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one output tensor is made from ``base``: ``changes`` in order, the first of which
+    may be a whole-tensor replacement (kind ``replace`` or ``copy``) that the rest start from."""
+
+    name: str
+    base: TensorInfo
+    dtype: str
+    changes: tuple[Change, ...] = ()
+
+    @property
+    def start(self) -> TensorInfo:
+        """The tensor the deltas are added to: a replacement, or the base tensor."""
+        first = self.changes[0] if self.changes else None
+        if first is not None and first.kind in ("replace", "copy") and first.source is not None:
+            return first.source
+        return self.base
+
+    @property
+    def deltas(self) -> tuple[Change, ...]:
+        return tuple(c for c in self.changes if c.kind not in ("replace", "copy"))
+
+    @property
+    def copied(self) -> bool:
+        """True when the stored bytes pass through unchanged (from the base or an adapter)."""
+        return not self.deltas and self.dtype == self.start.dtype
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """The whole merge, worked out from headers: every output tensor and the output layout."""
+
+    base: Location
+    adapters: tuple[Location, ...]
+    weights: tuple[float, ...]
+    unmerge: bool
+    tensors: tuple[TensorPlan, ...]
+    layout: OutputLayout
+    output_is_file: bool
+    side_files: tuple[tuple[str, Path], ...] = ()
+    config_text: str | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def changes(self) -> dict[str, list[str]]:
+        """Base tensor name -> what changes it, e.g. ``["lora from adapters[0] (q_proj)"]``."""
+        described: dict[str, list[str]] = {}
+        for t in self.tensors:
+            items = [f"{c.kind} from {self.adapters[c.adapter]}" for c in t.changes]
+            if t.dtype != t.base.dtype:
+                items.append(f"{t.base.dtype} -> {t.dtype}")
+            if items:
+                described[t.name] = items
+        return described
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What ``merge`` wrote."""
+
+    out: Path
+    tensors: int
+    changed: int
+    copied: int
+    bytes_written: int
+    seconds: float
+    notes: tuple[str, ...] = field(default=())
+
+
+def _read_base_config(location: Location) -> dict[str, Any]:
+    path = location.path / "config.json" if location.path.is_dir() else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+@dataclass
+class _Base:
+    """The base checkpoint as planning sees it."""
+
+    checkpoint: Checkpoint
+    model_type: str | None
+    tensors: Mapping[str, TensorInfo] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tensors = self.checkpoint.tensors
+
+    def find(self, name: str, *, adapter: Adapter, tensor: str) -> TensorInfo:
+        """The base tensor ``name``; a tied output embedding resolves to the input embedding."""
+        info = self.tensors.get(name)
+        if info is not None:
+            return info
+        module = name.rsplit(".", 1)[0]
+        if module.rsplit(".", 1)[-1] in OUTPUT_EMBEDDING_NAMES and name.endswith(".weight"):
+            for candidate in self.tensors:
+                if candidate.endswith(INPUT_EMBEDDING_NAMES):
+                    return self.tensors[candidate]  # tied: one tensor serves both
+        raise IncompatibleError(
+            f"matches no base tensor (looked for {name})",
+            path=adapter.checkpoint.path,
+            tensor=tensor,
+            hint="was this adapter trained on a different base model?",
+        )
+
+
+def _lora_change(
+    index: int, adapter: Adapter, lm: LoraModule, base: _Base, scaling: float
+) -> tuple[str, Change]:
+    where = adapter.checkpoint.path
+    w = base.find(lm.module + ".weight", adapter=adapter, tensor=lm.lora_a.name)
+    a, b = lm.lora_a.shape, lm.lora_b.shape
+    if lm.embedding:
+        expected, transposed = [(a[1], b[0])], True
+    elif len(a) > 2:
+        if len(w.shape) != len(a) or w.shape[1] != a[1]:
+            raise IncompatibleError(
+                f"conv LoRA {a} does not fit base {w.shape} (grouped convolutions cannot be "
+                "merged)",
+                path=where,
+                tensor=lm.lora_a.name,
+            )
+        expected, transposed = [(b[0], *a[1:])], False
+    elif is_conv1d_module(base.model_type, lm.module):
+        expected, transposed = [(a[1], b[0])], True
+    else:
+        expected = [(b[0], a[1]), (a[1], b[0])]  # nn.Linear, else an unknown Conv1D model
+        transposed = w.shape == expected[1] and w.shape != expected[0]
+    if w.shape not in expected or any(d != 1 for d in b[2:]):
+        raise IncompatibleError(
+            f"delta shape {expected[0]} does not fit base tensor {w.name} {w.shape}",
+            path=where,
+            tensor=lm.lora_b.name,
+            hint="was this adapter trained on a different base model?",
+        )
+    if lm.magnitude is not None:
+        units = w.shape[1] if transposed else w.shape[0]
+        if lm.magnitude.numel != units:
+            raise AdapterError(
+                f"DoRA magnitude has {lm.magnitude.numel} values for {units} output units",
+                path=where,
+                tensor=lm.magnitude.name,
+            )
+    kind = "dora" if lm.magnitude is not None else "lora"
+    return w.name, Change(index, kind, lm.module, lora=lm, transposed=transposed, scaling=scaling)
+
+
+def _bias_change(
+    index: int, adapter: Adapter, lm: LoraModule, base: _Base, scaling: float
+) -> tuple[str, Change]:
+    assert lm.lora_b_bias is not None
+    bias = base.tensors.get(lm.module + ".bias")
+    if bias is None or bias.shape != lm.lora_b_bias.shape:
+        raise IncompatibleError(
+            "lora_bias needs a base bias of the same shape, and the base has none",
+            path=adapter.checkpoint.path,
+            tensor=lm.lora_b_bias.name,
+        )
+    change = Change(index, "lora_bias", lm.module, source=lm.lora_b_bias, scaling=scaling)
+    return bias.name, change
+
+
+def _replacements(
+    index: int, adapter: Adapter, base: _Base, unmerge: bool
+) -> list[tuple[str, Change]]:
+    found = []
+    for name, info in adapter.replacements.items():
+        copy = name in adapter.embedding_copies
+        if name not in base.tensors and not copy:
+            module = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+            hint = (
+                "saving a tied output embedding whole unties it, which lorasurgeon does not do yet"
+                if module in OUTPUT_EMBEDDING_NAMES
+                else "was this adapter trained on a different base model?"
+            )
+            raise IncompatibleError(
+                f"saved whole, but the base has no tensor {name}",
+                path=adapter.checkpoint.path,
+                tensor=info.name,
+                hint=hint,
+            )
+        target = base.find(name, adapter=adapter, tensor=info.name)
+        if target.shape != info.shape:
+            raise IncompatibleError(
+                f"saved whole with shape {info.shape}, base {target.name} is {target.shape}",
+                path=adapter.checkpoint.path,
+                tensor=info.name,
+                hint="a resized vocabulary? resize the base first",
+            )
+        if unmerge:
+            if copy:
+                continue  # a copy of the base weight: nothing to undo
+            raise OptionError(
+                "was saved whole by the adapter, so the base value is lost; cannot unmerge",
+                path=adapter.checkpoint.path,
+                tensor=info.name,
+            )
+        kind = "copy" if copy else "replace"
+        found.append((target.name, Change(index, kind, name, source=info)))
+    return found
+
+
+def _token_changes(
+    index: int, adapter: Adapter, base: _Base, unmerge: bool
+) -> list[tuple[str, Change]]:
+    found = []
+    for module, (indices, info) in adapter.token_rows.items():
+        if unmerge:
+            raise OptionError(
+                "trainable token rows replace base rows; the originals are lost; cannot unmerge",
+                path=adapter.checkpoint.path,
+                tensor=info.name,
+            )
+        w = base.find(module + ".weight", adapter=adapter, tensor=info.name)
+        if (
+            len(w.shape) != 2
+            or info.shape != (len(indices), w.shape[1])
+            or max(indices) >= w.shape[0]
+        ):
+            raise IncompatibleError(
+                f"{len(indices)} token rows {info.shape} do not fit {w.name} {w.shape}",
+                path=adapter.checkpoint.path,
+                tensor=info.name,
+            )
+        found.append((w.name, Change(index, "rows", module, source=info, indices=indices)))
+    return found
+
+
+def _adapter_changes(
+    index: int, adapter: Adapter, weight: float, base: _Base, unmerge: bool
+) -> list[tuple[str, Change]]:
+    sign = -1.0 if unmerge else 1.0
+    changes = _replacements(index, adapter, base, unmerge)
+    for lm in adapter.modules.values():
+        if unmerge and lm.magnitude is not None:
+            raise OptionError(
+                "DoRA merges cannot be undone offline (the original weight norms are lost)",
+                path=adapter.checkpoint.path,
+                tensor=lm.module,
+            )
+        scaling = lm.scaling * weight * sign
+        changes.append(_lora_change(index, adapter, lm, base, scaling))
+        if lm.lora_b_bias is not None:
+            changes.append(_bias_change(index, adapter, lm, base, scaling))
+    changes += _token_changes(index, adapter, base, unmerge)
+    return changes
+
+
+def _order(changes: list[Change], where: Path, name: str) -> tuple[Change, ...]:
+    """Order one tensor's changes: the replacement it starts from, deltas, then token rows."""
+    starts = [c for c in changes if c.kind in ("replace", "copy")]
+    if sum(c.kind == "replace" for c in starts) > 1:
+        raise AdapterError(
+            "saved whole by more than one adapter; merge them one at a time",
+            path=where,
+            tensor=name,
+        )
+    starts.sort(key=lambda c: c.kind != "replace")  # a trained tensor wins over a base copy
+    rows = [c for c in changes if c.kind == "rows"]
+    seen: set[int] = set()
+    for c in rows:
+        if seen & set(c.indices):
+            raise AdapterError("two adapters replace the same token rows", path=where, tensor=name)
+        seen |= set(c.indices)
+    deltas = [c for c in changes if c.kind in ("lora", "dora", "lora_bias")]
+    return tuple(starts[:1] + deltas + rows)
+
+
+def _output_dtype(info: TensorInfo, dtype: str | None, changed: bool, where: Path) -> str:
+    if changed and info.dtype not in FLOAT_DTYPES:
+        raise IncompatibleError(
+            f"cannot merge into a {info.dtype} tensor (quantized base?)",
+            path=where,
+            tensor=info.name,
+        )
+    return dtype if dtype is not None and info.dtype in FLOAT_DTYPES else info.dtype
+
+
+def _plan_tensors(
+    base: _Base,
+    adapters: Sequence[Adapter],
+    weights: Sequence[float],
+    unmerge: bool,
+    dtype: str | None,
+) -> tuple[TensorPlan, ...]:
+    per_tensor: dict[str, list[Change]] = {}
+    order = range(len(adapters) - 1, -1, -1) if unmerge else range(len(adapters))
+    for i in order:
+        for name, change in _adapter_changes(i, adapters[i], weights[i], base, unmerge):
+            per_tensor.setdefault(name, []).append(change)
+    plans = []
+    where = base.checkpoint.path
+    for info in base.tensors.values():
+        changes = _order(per_tensor.get(info.name, []), where, info.name)
+        has_deltas = any(c.kind not in ("replace", "copy") for c in changes)
+        out_dtype = _output_dtype(info, dtype, has_deltas, where)
+        plans.append(TensorPlan(info.name, info, out_dtype, changes))
+    return tuple(plans)
+
+
+def _config_text(base: Location, dtype: str | None) -> str | None:
+    """config.json with its dtype updated, when --dtype changes it."""
+    config = _read_base_config(base)
+    if dtype is None or not config:
+        return None
+    name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            config[key] = name
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def _normalize(
+    adapters: Sequence[str | os.PathLike[str]], weights: Sequence[float] | None, dtype: str
+) -> tuple[tuple[float, ...], str | None]:
+    if not adapters:
+        raise OptionError("at least one adapter is needed")
+    if weights is None:
+        weights = [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise OptionError(f"{len(weights)} weights given for {len(adapters)} adapters")
+    if dtype not in DTYPE_CHOICES:
+        raise OptionError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, not {dtype!r}")
+    return tuple(float(w) for w in weights), DTYPE_CHOICES[dtype]
+
+
+def plan_merge(
+    base: str | os.PathLike[str],
+    adapters: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    weights: Sequence[float] | None = None,
+    unmerge: bool = False,
+    dtype: str = "auto",
+    max_shard_size: int | str | None = None,
+) -> MergePlan:
+    """Work out a merge from headers alone; nothing is computed or written.
+
+    Every error visible in metadata surfaces here: adapters that don't fit the base, unsupported
+    adapter kinds, what cannot be unmerged. ``plan.changes`` says which base tensors change and
+    by which adapter (what ``--dry-run`` prints).
+
+    Raises:
+        LocationError, CheckpointError, AdapterError, IncompatibleError, OptionError.
+    """
+    weights_t, dtype_code = _normalize(adapters, weights, dtype)
+    shard_limit = _shard_limit(max_shard_size)
+    base_loc = resolve(base, role=Role.CHECKPOINT)
+    adapter_locs = tuple(resolve(a, role=Role.ADAPTER) for a in adapters)
+    output_is_file = base_loc.path.is_file()
+    if output_is_file and shard_limit is not None:
+        raise OptionError("--max-shard-size needs a base directory (the output is one file)")
+    model_type = _read_base_config(base_loc).get("model_type")
+    with open_checkpoint(base_loc.path) as checkpoint:
+        opened: list[Adapter] = []
+        try:
+            for loc in adapter_locs:
+                opened.append(open_adapter(loc.path, model_type=model_type))
+            tensors = _plan_tensors(
+                _Base(checkpoint, model_type), opened, weights_t, unmerge, dtype_code
+            )
+            notes = _notes(opened, adapter_locs)
+        finally:
+            for adapter in opened:
+                adapter.close()
+        out_name = Path(out).name if out is not None and output_is_file else None
+        planned = [OutputTensor(t.name, t.dtype, t.base.shape) for t in tensors]
+        layout = plan_layout(checkpoint, planned, max_shard_size=shard_limit, file_name=out_name)
+        files, skipped = side_files(checkpoint)
+    if skipped:
+        notes += (f"not copied (weights that the merge does not cover): {', '.join(skipped)}",)
+    return MergePlan(
+        base_loc, adapter_locs, weights_t, unmerge, tensors, layout, output_is_file,
+        tuple(files), _config_text(base_loc, dtype_code), notes,
+    )  # fmt: skip
+
+
+def _shard_limit(max_shard_size: int | str | None) -> int | None:
+    if max_shard_size is None:
+        return None
+    try:
+        return parse_size(max_shard_size)
+    except ValueError as e:
+        raise OptionError(str(e)) from e
+
+
+def _notes(adapters: Sequence[Adapter], locations: Sequence[Location]) -> tuple[str, ...]:
+    notes = []
+    for adapter, loc in zip(adapters, locations, strict=True):
+        if adapter.ignored:
+            notes.append(
+                f"{loc}: {len(adapter.ignored)} module(s) with LoRA tensors are not selected by "
+                f"its adapter_config.json and are ignored, as PEFT does (e.g. {adapter.ignored[0]})"
+            )
+        if not adapter.modules and not adapter.replacements and not adapter.token_rows:
+            notes.append(f"{loc}: the adapter changes nothing")
+    return tuple(notes)
+
+
+def merge(
+    base: str | os.PathLike[str],
+    adapters: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    weights: Sequence[float] | None = None,
+    unmerge: bool = False,
+    dtype: str = "auto",
+    max_shard_size: int | str | None = None,
+    overwrite: bool = False,
+    device: str = "auto",
+    progress: ProgressCallback | None = None,
+) -> MergeReport:
+    """Fold PEFT LoRA adapters into a base checkpoint, as PEFT's ``merge_and_unload()`` does.
+
+    Each adapter's delta (``scaling · B @ A``, per layer type as in PEFT, times its weight) is
+    added in float32 and the result rounded once to the output dtype. Tensors the adapters do
+    not touch are copied byte for byte; names, shapes, dtypes, shard files, the index and the
+    metadata are kept, and the base directory's other files are copied. Nothing exists at
+    ``out`` unless this returns: the output is built in a temporary sibling and renamed.
+
+    Args:
+        base: a checkpoint directory, a ``.safetensors`` file, or a Hub repo id.
+        adapters: PEFT adapter directories or Hub repo ids, merged in order.
+        out: the output directory (a file when ``base`` is a file).
+        weights: one factor per adapter (default 1.0 each).
+        unmerge: subtract the deltas instead (undo a merge); refused for DoRA and for
+            tensors an adapter saved whole.
+        dtype: ``auto`` keeps each tensor's dtype; ``float32``/``float16``/``bfloat16`` converts
+            every floating-point tensor.
+        max_shard_size: re-shard the output (bytes, or text like ``"5GB"``).
+        overwrite: replace an existing ``out`` (the old one is removed only after success).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        progress: called with (bytes done, bytes total) as the output is written.
+
+    Raises:
+        LocationError, CheckpointError, AdapterError, IncompatibleError, OptionError, OutputError.
+    """
+    started = time.monotonic()
+    plan = plan_merge(
+        base, adapters, out, weights=weights, unmerge=unmerge, dtype=dtype,
+        max_shard_size=max_shard_size,
+    )  # fmt: skip
+    out_path = Path(out)
+    inputs = [plan.base.path, *(a.path for a in plan.adapters)]
+    check_output_path(out_path, inputs, overwrite=overwrite)
+    for note in plan.notes:
+        logger.warning(note)
+    written = _execute(plan, out_path, overwrite=overwrite, device=device, progress=progress)
+    changed = sum(1 for t in plan.tensors if not t.copied)
+    return MergeReport(
+        out_path, len(plan.tensors), changed, len(plan.tensors) - changed, written,
+        time.monotonic() - started, plan.notes,
+    )  # fmt: skip
+
+
+class _Meter:
+    """Adds up bytes written by several threads and reports them to ``progress``."""
+
+    def __init__(self, progress: ProgressCallback | None, total: int) -> None:
+        self._progress = progress
+        self._total = total
+        self._done = 0
+        self._lock = threading.Lock()
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self._done += nbytes
+            if self._progress is not None:
+                self._progress(self._done, self._total)
+
+
+def _copy_all(
+    tensors: Sequence[TensorPlan], files: TensorFiles, writer: CheckpointWriter, meter: _Meter,
+    stop: threading.Event,
+) -> None:  # fmt: skip
+    """Copy unchanged tensors from their files to the output, in the kernel."""
+    for t in tensors:
+        if stop.is_set():
+            return
+        source = t.start
+        writer.copy(t.name, files.fd(source.path), source.offset, source.nbytes)
+        meter.add(source.nbytes)
+
+
+def _inputs(t: TensorPlan) -> list[TensorInfo]:
+    """Every stored tensor that computing ``t`` reads."""
+    needed = [t.start]
+    for c in t.deltas:
+        if c.lora is not None:
+            needed += [c.lora.lora_a, c.lora.lora_b]
+            if c.kind == "dora" and c.lora.magnitude is not None:
+                needed.append(c.lora.magnitude)
+        elif c.source is not None:
+            needed.append(c.source)
+    return needed
+
+
+def _updates(t: TensorPlan, loaded: Mapping[TensorInfo, Any], device: Any) -> list[Any]:
+    import torch
+
+    from . import ops
+
+    def get(info: TensorInfo) -> torch.Tensor:
+        return loaded[info].to(device=device, dtype=torch.float32)
+
+    updates: list[ops.Update] = []
+    for c in t.deltas:
+        if c.lora is not None:
+            a, b = get(c.lora.lora_a), get(c.lora.lora_b)
+            magnitude = get(c.lora.magnitude).reshape(-1) if c.kind == "dora" else None
+            a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+            updates.append(ops.LoraDelta(a2, b2, c.scaling, c.transposed, magnitude))
+        elif c.kind == "lora_bias" and c.source is not None:
+            updates.append(ops.AddDelta(get(c.source) * c.scaling))
+        elif c.kind == "rows" and c.source is not None:
+            rows = torch.tensor(c.indices, dtype=torch.long, device=device)
+            updates.append(ops.SetRows(rows, get(c.source)))
+    return updates
+
+
+def _compute(t: TensorPlan, loaded: Mapping[TensorInfo, Any], device: Any) -> memoryview:
+    """Merge one tensor and return the bytes to store."""
+    import torch
+
+    from . import ops
+
+    start = loaded[t.start].to(device)
+    result = ops.apply_updates(start, _updates(t, loaded, device), torch_dtype(t.dtype))
+    flat = result.reshape(-1).cpu().contiguous()
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _execute(
+    plan: MergePlan, out: Path, *, overwrite: bool, device: str,
+    progress: ProgressCallback | None,
+) -> int:  # fmt: skip
+    """Write the planned output: a copier thread streams unchanged tensors while this thread
+    imports torch and merges the others, their inputs read ahead on a prefetch thread."""
+    meter = _Meter(progress, plan.layout.total_size)
+    stop = threading.Event()
+    copied = [t for t in plan.tensors if t.copied]
+    computed = [t for t in plan.tensors if not t.copied]
+    with TensorFiles() as files, CheckpointWriter(out, plan.layout, overwrite=overwrite) as writer:
+        copier = Worker(lambda: _copy_all(copied, files, writer, meter, stop), "lorasurgeon-copy")
+        copier.start()
+        try:
+            from . import ops  # torch loads while the copier streams
+
+            dev = ops.resolve_device(device)
+
+            def read(t: TensorPlan) -> dict[TensorInfo, Any]:
+                return {info: as_tensor(info, files.read(info)) for info in _inputs(t)}
+
+            for t, loaded in prefetch(computed, read, depth=2, stop=stop):
+                data = _compute(t, loaded, dev)
+                writer.write(t.name, data)
+                meter.add(data.nbytes)
+        except BaseException:
+            stop.set()
+            with contextlib.suppress(BaseException):
+                copier.join()
+            raise
+        copier.join()
+        _add_side_files(plan, writer)
+        writer.commit()
+    return plan.layout.total_size
+
+
+def _add_side_files(plan: MergePlan, writer: CheckpointWriter) -> None:
+    if plan.output_is_file:
+        return
+    for relative, path in plan.side_files:
+        if relative == "config.json" and plan.config_text is not None:
+            writer.add_text(relative, plan.config_text)
+        else:
+            writer.add_file(relative, path)

@@ -1,0 +1,137 @@
+"""Pure tensor math: LoRA deltas and the merge of updates into one weight. torch only, no I/O.
+
+Everything is computed in float32 and rounded once to the output dtype. On the CPU a weight is
+processed in blocks of rows, so that the float32 intermediates stay in cache and memory holds
+only the stored weight and its result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["AddDelta", "LoraDelta", "SetRows", "Update", "apply_updates", "resolve_device"]
+
+# About 1 MiB of float32 per block: large enough for fast kernels, small enough for L2.
+_BLOCK_ELEMENTS = 1 << 18
+
+
+@dataclass(frozen=True)
+class LoraDelta:
+    """``delta = scaling · B @ A`` laid out like the stored weight.
+
+    ``a``: (r, in) and ``b``: (out, r), float32, already flattened for convs. ``transposed``
+    means the weight is stored (in, out): GPT-2 ``Conv1D`` and ``nn.Embedding`` (vocab, dim),
+    whose delta is ``scaling · (B @ A)ᵀ``. ``scaling`` includes the user's weight and the sign
+    (negative to unmerge). With ``magnitude`` (DoRA, one value per output unit) the merge is
+    ``W' = m / ‖W + Δ‖ · (W + Δ)``, the norm taken per output unit (PEFT's DoRA merge).
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+    transposed: bool = False
+    magnitude: torch.Tensor | None = None
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the delta, as stored (float32)."""
+        if self.transposed:
+            # (B @ A)·s first, as PEFT does, then the transpose: bit-identical products.
+            return torch.mm(self.b, self.a[:, start:stop]).mul_(self.scaling).t()
+        return torch.mm(self.b[start:stop], self.a).mul_(self.scaling)
+
+    def full(self) -> torch.Tensor:
+        return self.rows(0, self.a.shape[1] if self.transposed else self.b.shape[0])
+
+
+@dataclass(frozen=True)
+class AddDelta:
+    """A dense delta (e.g. ``scaling · lora_B.bias``), shaped like the weight."""
+
+    delta: torch.Tensor
+
+
+@dataclass(frozen=True)
+class SetRows:
+    """Replace rows ``indices`` of the weight with ``values`` (PEFT's trainable tokens)."""
+
+    indices: torch.Tensor
+    values: torch.Tensor
+
+
+Update = LoraDelta | AddDelta | SetRows
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _dora(current: torch.Tensor, start: torch.Tensor, u: LoraDelta) -> torch.Tensor:
+    """PEFT's DoRA merge: the norm comes from the unmerged weight plus this delta only, the
+    factor multiplies the current weight plus this delta."""
+    assert u.magnitude is not None
+    delta = u.full()
+    dim = 0 if u.transposed else 1
+    norm = (start + delta).norm(p=2, dim=dim)
+    factor = u.magnitude / norm
+    shaped = factor.unsqueeze(0) if u.transposed else factor.unsqueeze(1)
+    return shaped * (current + delta)
+
+
+def _apply_dense(
+    weight2d: torch.Tensor, updates: Sequence[Update], out_dtype: torch.dtype
+) -> torch.Tensor:
+    start = weight2d.to(torch.float32)
+    current = start.clone()
+    for u in updates:
+        if isinstance(u, LoraDelta):
+            current = _dora(current, start, u) if u.magnitude is not None else current + u.full()
+        elif isinstance(u, AddDelta):
+            current += u.delta.reshape(current.shape)
+        else:
+            current[u.indices] = u.values.reshape(-1, current.shape[1]).to(torch.float32)
+    return current.to(out_dtype)
+
+
+def _apply_blocked(
+    weight2d: torch.Tensor, deltas: Sequence[LoraDelta], out_dtype: torch.dtype, block_rows: int
+) -> torch.Tensor:
+    out = torch.empty(weight2d.shape, dtype=out_dtype, device=weight2d.device)
+    for start in range(0, weight2d.shape[0], block_rows):
+        stop = min(start + block_rows, weight2d.shape[0])
+        block = weight2d[start:stop].to(torch.float32, copy=True)
+        for u in deltas:
+            block += u.rows(start, stop)
+        out[start:stop] = block
+    return out
+
+
+def apply_updates(
+    weight: torch.Tensor, updates: Sequence[Update], out_dtype: torch.dtype
+) -> torch.Tensor:
+    """Apply ``updates`` in order to ``weight`` in float32 and round once to ``out_dtype``.
+
+    ``weight`` has any shape; deltas and rows address its 2-D view (dim 0, then the rest
+    flattened). With no updates this is a plain dtype conversion.
+
+    Example:
+        >>> w = torch.zeros(4, 3)
+        >>> d = LoraDelta(a=torch.ones(1, 3), b=torch.ones(4, 1), scaling=0.5)
+        >>> apply_updates(w, [d], torch.float32)[0].tolist()
+        [0.5, 0.5, 0.5]
+    """
+    shape = weight.shape
+    weight2d = weight.reshape(shape[0], -1) if weight.dim() > 1 else weight.reshape(1, -1)
+    only_lora = all(isinstance(u, LoraDelta) and u.magnitude is None for u in updates)
+    if only_lora and weight2d.device.type == "cpu" and weight.dim() > 1:
+        block_rows = max(1, _BLOCK_ELEMENTS // max(1, weight2d.shape[1]))
+        deltas = [u for u in updates if isinstance(u, LoraDelta)]
+        result = _apply_blocked(weight2d, deltas, out_dtype, block_rows)
+    else:
+        result = _apply_dense(weight2d, updates, out_dtype)
+    return result.reshape(shape)

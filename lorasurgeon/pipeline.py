@@ -1,0 +1,101 @@
+"""Threads that keep the disk busy while tensors are computed: a background worker and a
+bounded prefetching iterator. Generic: knows nothing about checkpoints or LoRA.
+
+File reads (``pread``), kernel copies and torch kernels release the GIL, so these threads
+overlap for real. Every thread stops early when the shared ``stop`` event is set.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Generic, TypeVar
+
+__all__ = ["Worker", "prefetch"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+_DONE = object()
+
+
+class Worker:
+    """Run ``target`` on a daemon thread; ``join`` re-raises what it raised."""
+
+    def __init__(self, target: Callable[[], None], name: str) -> None:
+        self._target = target
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self._target()
+        except BaseException as e:  # handed to the joining thread
+            self._error = e
+
+    def start(self) -> Worker:
+        self._thread.start()
+        return self
+
+    def join(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+class _Failure(Generic[R]):
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def prefetch(
+    items: Iterable[T], load: Callable[[T], R], *, depth: int, stop: threading.Event
+) -> Iterator[tuple[T, R]]:
+    """Yield ``(item, load(item))`` in order, loading up to ``depth`` items ahead on a thread.
+
+    Memory holds at most ``depth + 1`` loaded items. Closing the iterator early (an exception
+    in the consumer, Ctrl-C) stops the loader.
+    """
+    slots: queue.Queue[object] = queue.Queue(maxsize=depth)
+    halt = threading.Event()  # this iterator closed; ``stop`` halts everything
+
+    def halted() -> bool:
+        return halt.is_set() or stop.is_set()
+
+    def put(value: object) -> bool:
+        while not halted():
+            try:
+                slots.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if halted() or not put((item, load(item))):
+                    return
+        except BaseException as e:
+            put(_Failure(e))
+            return
+        put(_DONE)
+
+    thread = threading.Thread(target=run, name="lorasurgeon-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                value = slots.get(timeout=0.1)
+            except queue.Empty:
+                if thread.is_alive():
+                    continue
+                return  # halted by ``stop``: the caller sees what is missing
+            if value is _DONE:
+                return
+            if isinstance(value, _Failure):
+                raise value.error
+            yield value  # type: ignore[misc]
+    finally:
+        halt.set()
+        thread.join()
