@@ -110,20 +110,45 @@ def cli() -> None:
 @cli.command()
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...")
-@click.option("-o", "--output", "out", required=True, metavar="OUT",
-              help="Output directory (a file when BASE is a .safetensors file).")
-@click.option("--weight", "weights", multiple=True, type=float, metavar="W",
-              help="Scale of each adapter's update, once per adapter, in order [default: 1.0].")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    metavar="OUT",
+    help="Output directory (a file when BASE is a .safetensors file).",
+)
+@click.option(
+    "--weight",
+    "weights",
+    multiple=True,
+    type=float,
+    metavar="W",
+    help="Scale of each adapter's update, once per adapter, in order [default: 1.0].",
+)
 @click.option("--unmerge", is_flag=True, help="Subtract the updates instead (undo a merge).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
-              default="auto", show_default=True,
-              help="Output dtype of floating-point tensors; auto keeps each tensor's dtype.")
-@click.option("--max-shard-size", type=SizeParam(), default=None,
-              help="Re-shard the output, e.g. 5GB [default: keep the base's shards].")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+    default="auto",
+    show_default=True,
+    help="Output dtype of floating-point tensors; auto keeps each tensor's dtype.",
+)
+@click.option(
+    "--max-shard-size",
+    type=SizeParam(),
+    default=None,
+    help="Re-shard the output, e.g. 5GB [default: keep the base's shards].",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once done).")
 @click.option("--dry-run", is_flag=True, help="Print which tensors would change; write nothing.")
-@click.option("--device", type=DeviceParam(), default="auto", show_default=True,
-              help="Where to compute: the first GPU when there is one, else the CPU.")
+@click.option(
+    "--device",
+    type=DeviceParam(),
+    default="auto",
+    show_default=True,
+    help="Where to compute: the first GPU when there is one, else the CPU.",
+)
 @_common
 def merge(
     base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], unmerge: bool,

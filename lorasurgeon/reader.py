@@ -13,7 +13,7 @@ import struct
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from .errors import CheckpointError, LocationError
@@ -209,11 +209,10 @@ def _shards_from_index(index_path: Path) -> tuple[list[Path], dict[str, Any]]:
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise CheckpointError("index has no weight_map of tensor names to files", path=index_path)
-    root = index_path.parent.resolve()
     shards: list[Path] = []
     for name, shard in weight_map.items():
-        target = (index_path.parent / shard).resolve()
-        if Path(shard).is_absolute() or root not in target.parents:
+        relative = PurePosixPath(shard)
+        if relative.is_absolute() or ".." in relative.parts or "\\" in shard:
             raise CheckpointError(
                 f"index places it in {shard!r}, outside the checkpoint directory",
                 path=index_path,

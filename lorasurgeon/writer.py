@@ -99,18 +99,27 @@ class OutputLayout:
     index_name: str | None = None
     index: dict[str, Any] = field(default_factory=dict)
     single_file: bool = False
+    original_index: str | None = None
 
     @property
     def total_size(self) -> int:
         return sum(s.data_size for s in self.shards)
 
     def index_json(self) -> str:
+        """The index file: the original text when nothing in it changed, else rewritten the way
+        transformers writes it (sorted keys, indent 2)."""
         content = dict(self.index)
         metadata = dict(content.get("metadata") or {})
         metadata["total_size"] = self.total_size
         content["metadata"] = metadata
         content["weight_map"] = {t.name: s.filename for s in self.shards for t in s.tensors}
-        return json.dumps(content, indent=2) + "\n"
+        if self.original_index is not None:
+            try:
+                if json.loads(self.original_index) == content:
+                    return self.original_index
+            except ValueError:
+                pass
+        return json.dumps(content, indent=2, sort_keys=True) + "\n"
 
 
 def parse_size(text: str | int) -> int:
@@ -189,7 +198,8 @@ def plan_layout(
         if any(by_name[t.name].dtype != t.dtype for t in header.tensors):
             items.sort(key=lambda t: -DTYPE_SIZES[t.dtype])  # keeps every tensor aligned
         shards.append(OutputShard(header.path.name, header.metadata, tuple(items)))
-    return OutputLayout(tuple(shards), index_name, index)
+    original = checkpoint.index_path.read_text(encoding="utf-8") if checkpoint.index_path else None
+    return OutputLayout(tuple(shards), index_name, index, original_index=original)
 
 
 def _is_within(path: Path, other: Path) -> bool:
