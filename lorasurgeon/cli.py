@@ -36,7 +36,7 @@ def _count(n: int) -> str:
     return f"{n:,}"
 
 
-class SizeParam(click.ParamType):
+class SizeParam(click.ParamType):  # type: ignore[type-arg]
     """A byte size: 5GB, 500MB, 2GiB or a plain number of bytes."""
 
     name = "SIZE"
@@ -48,7 +48,7 @@ class SizeParam(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
-class DeviceParam(click.ParamType):
+class DeviceParam(click.ParamType):  # type: ignore[type-arg]
     """auto, cpu, cuda or cuda:N."""
 
     name = "auto|cpu|cuda|cuda:N"
@@ -243,8 +243,8 @@ def _summary_lines(s: api.Summary) -> list[str]:
         return lines
     lines += [
         f"peft_type:  {s.peft_type}", f"r:          {s.r}", f"lora_alpha: {s.lora_alpha:g}",
-        f"rslora:     {s.use_rslora}", f"dora:       {s.use_dora}", f"targets:    {s.target_modules}",
-        f"modules:    {len(s.modules)}",
+        f"rslora:     {s.use_rslora}", f"dora:       {s.use_dora}",
+        f"targets:    {s.target_modules}", f"modules:    {len(s.modules)}",
     ]  # fmt: skip
     width = max((len(m.module) for m in s.modules), default=6)
     lines.append(f"  {'module':<{width}}  rank  alpha  scaling")

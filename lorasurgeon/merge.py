@@ -185,6 +185,7 @@ def _lora_change(
     where = adapter.checkpoint.path
     w = base.find(lm.module + ".weight", adapter=adapter, tensor=lm.lora_a.name)
     a, b = lm.lora_a.shape, lm.lora_b.shape
+    expected: list[tuple[int, ...]]
     if lm.embedding:
         expected, transposed = [(a[1], b[0])], True
     elif len(a) > 2:
@@ -576,13 +577,15 @@ def _updates(t: TensorPlan, loaded: Mapping[TensorInfo, Any], device: Any) -> li
     from . import ops
 
     def get(info: TensorInfo) -> torch.Tensor:
-        return loaded[info].to(device=device, dtype=torch.float32)
+        tensor: torch.Tensor = loaded[info].to(device=device, dtype=torch.float32)
+        return tensor
 
     updates: list[ops.Update] = []
     for c in t.deltas:
         if c.lora is not None:
             a, b = get(c.lora.lora_a), get(c.lora.lora_b)
-            magnitude = get(c.lora.magnitude).reshape(-1) if c.kind == "dora" else None
+            stored = c.lora.magnitude if c.kind == "dora" else None
+            magnitude = get(stored).reshape(-1) if stored is not None else None
             a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
             updates.append(ops.LoraDelta(a2, b2, c.scaling, c.transposed, magnitude))
         elif c.kind == "lora_bias" and c.source is not None:
@@ -602,7 +605,7 @@ def _compute(t: TensorPlan, loaded: Mapping[TensorInfo, Any], device: Any) -> me
     start = loaded[t.start].to(device)
     result = ops.apply_updates(start, _updates(t, loaded, device), torch_dtype(t.dtype))
     flat = result.reshape(-1).cpu().contiguous()
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
 def _execute(

@@ -80,7 +80,8 @@ def _dora(current: torch.Tensor, start: torch.Tensor, u: LoraDelta) -> torch.Ten
     norm = (start + delta).norm(p=2, dim=dim)
     factor = u.magnitude / norm
     shaped = factor.unsqueeze(0) if u.transposed else factor.unsqueeze(1)
-    return shaped * (current + delta)
+    merged: torch.Tensor = shaped * (current + delta)
+    return merged
 
 
 def _apply_dense(

@@ -188,10 +188,10 @@ def plan_layout(
     if max_shard_size is not None:
         name = index_name or checkpoint.shards[0].path.name
         stem = name.split(".safetensors")[0]
-        shards = reshard(tensors, max_shard_size, stem=stem, metadata=first_meta)
-        if len(shards) == 1:
-            return OutputLayout(shards)
-        return OutputLayout(shards, f"{stem}.safetensors.index.json", index)
+        packed = reshard(tensors, max_shard_size, stem=stem, metadata=first_meta)
+        if len(packed) == 1:
+            return OutputLayout(packed)
+        return OutputLayout(packed, f"{stem}.safetensors.index.json", index)
     shards = []
     for header in checkpoint.shards:
         items = [by_name[t.name] for t in header.tensors]
