@@ -8,6 +8,7 @@ written at their planned offsets, while the next ones are being read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Any
 from .adapters import Adapter, LoraModule, open_adapter
 from .errors import AdapterError, IncompatibleError, OptionError
 from .locations import Location, Role, resolve
-from .pipeline import Worker, prefetch
+from .pipeline import Drain, Worker, prefetch
 from .reader import (
     FLOAT_DTYPES,
     Checkpoint,
@@ -608,12 +609,18 @@ def _compute(t: TensorPlan, loaded: Mapping[TensorInfo, Any], device: Any) -> me
     return flat.view(torch.uint8).numpy().data
 
 
+def _write(writer: CheckpointWriter, meter: _Meter, name: str, data: memoryview) -> None:
+    writer.write(name, data)
+    meter.add(data.nbytes)
+
+
 def _execute(
     plan: MergePlan, out: Path, *, overwrite: bool, device: str,
     progress: ProgressCallback | None,
 ) -> int:  # fmt: skip
-    """Write the planned output: a copier thread streams unchanged tensors while this thread
-    imports torch and merges the others, their inputs read ahead on a prefetch thread."""
+    """Write the planned output. A copier thread streams unchanged tensors while this thread
+    imports torch and merges the others; their inputs are read ahead on a prefetch thread and
+    their results written on a writer thread."""
     meter = _Meter(progress, plan.layout.total_size)
     stop = threading.Event()
     copied = [t for t in plan.tensors if t.copied]
@@ -621,6 +628,7 @@ def _execute(
     with TensorFiles() as files, CheckpointWriter(out, plan.layout, overwrite=overwrite) as writer:
         copier = Worker(lambda: _copy_all(copied, files, writer, meter, stop), "lorasurgeon-copy")
         copier.start()
+        drain = Drain(depth=2, stop=stop, name="lorasurgeon-write")
         try:
             from . import ops  # torch loads while the copier streams
 
@@ -631,14 +639,15 @@ def _execute(
 
             for t, loaded in prefetch(computed, read, depth=2, stop=stop):
                 data = _compute(t, loaded, dev)
-                writer.write(t.name, data)
-                meter.add(data.nbytes)
+                drain.submit(functools.partial(_write, writer, meter, t.name, data))
+            drain.close()
+            copier.join()
         except BaseException:
             stop.set()
-            with contextlib.suppress(BaseException):
-                copier.join()
+            for finish in (drain.close, copier.join):
+                with contextlib.suppress(BaseException):
+                    finish()
             raise
-        copier.join()
         _add_side_files(plan, writer)
         writer.commit()
     return plan.layout.total_size

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
-__all__ = ["Worker", "prefetch"]
+__all__ = ["Drain", "Worker", "prefetch"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -99,3 +99,44 @@ def prefetch(
     finally:
         halt.set()
         thread.join()
+
+
+class Drain:
+    """Run submitted jobs in order on one thread, with at most ``depth`` waiting; ``submit``
+    blocks while the queue is full, so memory holds at most ``depth + 1`` pending jobs.
+
+    ``close`` waits for the queue to empty and re-raises the first error a job raised;
+    ``submit`` re-raises it too, as soon as it is known.
+    """
+
+    def __init__(self, *, depth: int, stop: threading.Event, name: str) -> None:
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
+        self._stop = stop
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if self._error is not None or self._stop.is_set():
+                continue  # drain without running
+            try:
+                job()
+            except BaseException as e:
+                self._error = e
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._check()
+        self._jobs.put(job)
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+        self._check()
