@@ -520,6 +520,10 @@ def merge(
     out_path = Path(out)
     inputs = [plan.base.path, *(a.path for a in plan.adapters)]
     check_output_path(out_path, inputs, overwrite=overwrite)
+    if device != "auto" and device != "cpu":
+        from .ops import resolve_device  # a GPU needs torch anyway: check it before writing
+
+        resolve_device(device)
     for note in plan.notes:
         logger.warning(note)
     written = _execute(plan, out_path, overwrite=overwrite, device=device, progress=progress)
@@ -597,12 +601,17 @@ def _updates(t: TensorPlan, loaded: Mapping[TensorInfo, Any], device: Any) -> li
     return updates
 
 
-def _compute(t: TensorPlan, loaded: Mapping[TensorInfo, Any], device: Any) -> memoryview:
+def _read_inputs(t: TensorPlan, files: TensorFiles) -> dict[TensorInfo, bytearray]:
+    return {info: files.read(info) for info in _inputs(t)}
+
+
+def _compute(t: TensorPlan, stored: Mapping[TensorInfo, bytearray], device: Any) -> memoryview:
     """Merge one tensor and return the bytes to store."""
     import torch
 
     from . import ops
 
+    loaded = {info: as_tensor(info, data) for info, data in stored.items()}
     start = loaded[t.start].to(device)
     result = ops.apply_updates(start, _updates(t, loaded, device), torch_dtype(t.dtype))
     flat = result.reshape(-1).cpu().contiguous()
@@ -630,14 +639,11 @@ def _execute(
         copier.start()
         drain = Drain(depth=2, stop=stop, name="lorasurgeon-write")
         try:
-            from . import ops  # torch loads while the copier streams
+            reads = prefetch(computed, lambda t: _read_inputs(t, files), depth=2, stop=stop)
+            from . import ops  # torch loads while the copier and the prefetcher stream
 
             dev = ops.resolve_device(device)
-
-            def read(t: TensorPlan) -> dict[TensorInfo, Any]:
-                return {info: as_tensor(info, files.read(info)) for info in _inputs(t)}
-
-            for t, loaded in prefetch(computed, read, depth=2, stop=stop):
+            for t, loaded in reads:
                 data = _compute(t, loaded, dev)
                 drain.submit(functools.partial(_write, writer, meter, t.name, data))
             drain.close()

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import OptionError
+
 __all__ = ["AddDelta", "LoraDelta", "SetRows", "Update", "apply_updates", "resolve_device"]
 
 # About 1 MiB of float32 per block: large enough for fast kernels, small enough for L2.
@@ -76,10 +78,27 @@ Update = LoraDelta | AddDelta | SetRows
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    """``auto`` is the first CUDA device when there is one, else the CPU.
+
+    Raises:
+        OptionError: ``device`` is not auto/cpu/cuda/cuda:N, or names a GPU that is not there.
+    """
     if device == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise OptionError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from e
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (resolved.index or 0) >= count:
+            raise OptionError(
+                f"device {device} is not available ({count} CUDA device(s) found)",
+                hint="use --device cpu or auto",
+            )
+    elif resolved.type != "cpu":
+        raise OptionError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
+    return resolved
 
 
 def _dora(current: torch.Tensor, start: torch.Tensor, u: LoraDelta) -> torch.Tensor:

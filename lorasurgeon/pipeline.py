@@ -51,10 +51,11 @@ class _Failure(Generic[R]):
 def prefetch(
     items: Iterable[T], load: Callable[[T], R], *, depth: int, stop: threading.Event
 ) -> Iterator[tuple[T, R]]:
-    """Yield ``(item, load(item))`` in order, loading up to ``depth`` items ahead on a thread.
+    """Yield ``(item, load(item))`` in order, loading up to ``depth`` items ahead on a thread
+    that starts at once (before the first item is asked for).
 
     Memory holds at most ``depth + 1`` loaded items. Closing the iterator early (an exception
-    in the consumer, Ctrl-C) stops the loader.
+    in the consumer, Ctrl-C) stops the loader; so does ``stop``.
     """
     slots: queue.Queue[object] = queue.Queue(maxsize=depth)
     halt = threading.Event()  # this iterator closed; ``stop`` halts everything
@@ -83,6 +84,12 @@ def prefetch(
 
     thread = threading.Thread(target=run, name="lorasurgeon-prefetch", daemon=True)
     thread.start()
+    return _consume(slots, thread, halt)
+
+
+def _consume(
+    slots: queue.Queue[object], thread: threading.Thread, halt: threading.Event
+) -> Iterator[tuple[T, R]]:
     try:
         while True:
             try:
