@@ -1,12 +1,14 @@
 """``lorasurgeon.merge`` against PEFT's ``merge_and_unload()`` (the oracle) on tiny seeded models.
 
 Every comparison goes through ``assert_matches_peft`` (tests/conftest.py), which holds the
-tolerances: float32 within 1e-5 relative per tensor, half precision within one ulp per rounding
-PEFT does, untouched tensors bit for bit.
+tolerances: float32 within 1e-5 relative per tensor; half precision within one ulp of PEFT where
+PEFT rounds once, and within one ulp of the exact (float32) merge where PEFT rounds more than once;
+untouched tensors bit for bit.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,9 +18,16 @@ from peft import LoraConfig
 from safetensors import safe_open
 
 import lorasurgeon
-from lorasurgeon.errors import LorasurgeonError
+from lorasurgeon.errors import (
+    AdapterError,
+    IncompatibleError,
+    LorasurgeonError,
+    OptionError,
+    OutputError,
+)
 from tests.conftest import (
     FP32_REL_TOL,
+    INDEX_NAME,
     LLAMA_LINEAR_MODULES,
     DtypeRule,
     TinyBase,
@@ -185,6 +194,16 @@ CASES = {
         (lora("c_attn", "c_proj", "c_fc", use_dora=True),),
         must_change=("transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_proj.weight"),
     ),
+    "dora_embedding": Case(
+        "llama_fp32",
+        (lora("embed_tokens", "q_proj", use_dora=True),),
+        must_change=("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"),
+    ),
+    "dora_conv2d_single_file": Case(
+        "conv_net",
+        (lora("conv", "pointwise", "head", use_dora=True),),
+        must_change=("conv.weight", "pointwise.weight", "head.weight"),
+    ),
     "layers_to_transform": Case(
         "llama_fp32",
         (lora("q_proj", "v_proj", "gate_proj", layers_to_transform=[1]),),
@@ -222,6 +241,13 @@ CASES = {
         (lora("lm_head", "q_proj"),),
         # the head's delta lands on the one stored tensor (peft-lora.md 8.1)
         must_change=("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight"),
+    ),
+    "tied_lora_on_embedding_and_lm_head": Case(
+        "llama_tied",
+        (lora("embed_tokens", "lm_head"),),
+        # both deltas land on the one stored tensor (peft-lora.md 8.1, E20)
+        must_change=("model.embed_tokens.weight",),
+        must_keep=("model.layers.0.self_attn.q_proj.weight",),
     ),
     "lora_bias_linear": Case(
         "llama_seq_cls",
@@ -300,7 +326,10 @@ def test_merge_matches_peft_merge_and_unload(
     run_merge(base, adapters, out, weights=weights)
 
     expected = peft_merge(base, adapters, weights=weights)
-    report = assert_matches_peft(out, expected, base, dtype_rule=case.rule)
+    exact = None  # PEFT on the float32 base, for tensors PEFT rounds more than once
+    if case.rule.needs_exact:
+        exact = peft_merge(base, adapters, weights=weights, dtype=torch.float32)
+    report = assert_matches_peft(out, expected, base, dtype_rule=case.rule, exact_state_dict=exact)
     assert set(case.must_change) <= report.changed, set(case.must_change) - report.changed
     assert set(case.must_keep) <= report.unchanged, set(case.must_keep) - report.unchanged
     if base.is_file:
@@ -362,8 +391,8 @@ def test_merge_dtype_float32_on_bf16_base(llama_bf16: TinyBase, tmp_path: Path) 
     rule = DtypeRule(out_dtype=torch.float32)
     report = assert_matches_peft(out, expected, llama_bf16, dtype_rule=rule)
     assert "model.norm.weight" in report.unchanged
-    # same shards; the index's total_size grows with the dtype, so only the weight map is kept
-    assert_same_layout(out, llama_bf16.path, compare_index_metadata=False)
+    # same shards and weight map; total_size grows and config.json records the new dtype
+    assert_same_layout(out, llama_bf16.path, new_dtype="float32")
 
 
 def test_merge_dtype_bfloat16_on_fp32_base(llama_fp32: TinyBase, tmp_path: Path) -> None:
@@ -372,11 +401,45 @@ def test_merge_dtype_bfloat16_on_fp32_base(llama_fp32: TinyBase, tmp_path: Path)
 
     run_merge(llama_fp32, adapters, out, dtype="bfloat16")
 
-    # PEFT loads the base in bf16 first (one rounding) and rounds again after adding the delta.
+    # PEFT loads the base in bf16 first (one rounding) and rounds again after adding the delta;
+    # we round W + delta once, so we are compared with the float32 merge rounded once.
     expected = peft_merge(llama_fp32, adapters, dtype=torch.bfloat16)
+    exact = peft_merge(llama_fp32, adapters)
     rule = DtypeRule(out_dtype=torch.bfloat16, roundings=2)
-    report = assert_matches_peft(out, expected, llama_fp32, dtype_rule=rule)
+    report = assert_matches_peft(out, expected, llama_fp32, dtype_rule=rule, exact_state_dict=exact)
     assert "model.embed_tokens.weight" in report.unchanged
+    assert_same_layout(out, llama_fp32.path, new_dtype="bfloat16")
+
+
+def test_merge_reshards_with_max_shard_size(llama_fp32: TinyBase, tmp_path: Path) -> None:
+    adapters = build_adapters(llama_fp32, (ALL_LINEAR,), tmp_path)
+    out = output_path(tmp_path, llama_fp32)
+    base_shards = set(json.loads((llama_fp32.path / INDEX_NAME).read_text())["weight_map"].values())
+
+    run_merge(llama_fp32, adapters, out, max_shard_size="20KB")
+
+    shards = set(json.loads((out / INDEX_NAME).read_text())["weight_map"].values())
+    assert len(shards) > len(base_shards), f"20KB should need more shards than 40KB: {shards}"
+    assert {p.name for p in out.glob("*.safetensors")} == shards
+    assert_matches_peft(out, peft_merge(llama_fp32, adapters), llama_fp32)
+
+
+def test_merge_refuses_existing_output_unless_overwrite(
+    llama_fp32: TinyBase, tmp_path: Path
+) -> None:
+    adapters = build_adapters(llama_fp32, (lora("q_proj", "v_proj"),), tmp_path)
+    out = output_path(tmp_path, llama_fp32)
+    out.mkdir()
+    (out / "keep.txt").write_text("old output")
+
+    with pytest.raises(OutputError):
+        run_merge(llama_fp32, adapters, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"], "a refused merge touched the output"
+
+    run_merge(llama_fp32, adapters, out, overwrite=True)
+
+    assert not (out / "keep.txt").exists()
+    assert_matches_peft(out, peft_merge(llama_fp32, adapters), llama_fp32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,10 +590,12 @@ class Refusal:
         merge_base: base fixture merged into (default: ``adapter_base``).
         config_edits: fields overwritten in adapter_config.json after saving.
         options: keyword options of ``lorasurgeon.merge``.
+        error: the LorasurgeonError subclass expected (STYLE.md's hierarchy).
     """
 
     adapter_base: str
     config: LoraConfig
+    error: type[LorasurgeonError]
     merge_base: str | None = None
     config_edits: dict[str, object] = field(default_factory=dict)
     options: dict[str, object] = field(default_factory=dict)
@@ -538,22 +603,28 @@ class Refusal:
 
 REFUSALS = {
     # DoRA unmerge needs the pre-merge row norms, which a merged checkpoint no longer has
-    "dora_unmerge": Refusal("llama_fp32", lora("q_proj", use_dora=True), options={"unmerge": True}),
+    "dora_unmerge": Refusal(
+        "llama_fp32", lora("q_proj", use_dora=True), OptionError, options={"unmerge": True}
+    ),
     # a whole-module replacement cannot be undone without the original values
     "modules_to_save_unmerge": Refusal(
         "llama_seq_cls",
         lora("q_proj", task_type="SEQ_CLS", modules_to_save=["score"]),
+        OptionError,
         options={"unmerge": True},
     ),
     "llama_adapter_on_gpt2_base": Refusal(
-        "llama_fp32", lora("q_proj", "v_proj"), merge_base="gpt2"
+        "llama_fp32", lora("q_proj", "v_proj"), IncompatibleError, merge_base="gpt2"
     ),
     # olora adapters were trained against a residual base PEFT recomputes at load
     "init_lora_weights_olora": Refusal(
-        "llama_fp32", lora("q_proj"), config_edits={"init_lora_weights": "olora"}
+        "llama_fp32", lora("q_proj"), AdapterError, config_edits={"init_lora_weights": "olora"}
     ),
     "layer_replication": Refusal(
-        "llama_fp32", lora("q_proj"), config_edits={"layer_replication": [[0, 2], [1, 2]]}
+        "llama_fp32",
+        lora("q_proj"),
+        AdapterError,
+        config_edits={"layer_replication": [[0, 2], [1, 2]]},
     ),
 }
 
@@ -569,8 +640,10 @@ def test_merge_refuses_what_it_cannot_do_and_writes_nothing(
         edit_adapter_config(adapter, **refusal.config_edits)
     out = tmp_path / "merged"
 
-    with pytest.raises(LorasurgeonError):
+    with pytest.raises(refusal.error) as raised:
         run_merge(base, [adapter], out, **refusal.options)
+
+    assert raised.value.path is not None or raised.value.tensor is not None, "name the culprit"
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters"], "output left behind"
 
