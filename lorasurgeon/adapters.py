@@ -140,7 +140,7 @@ class AdapterConfig:
 
 
 def _tuple_list(value: Any) -> tuple[Any, ...] | None:
-    if value is None or value == []:
+    if value is None or value == [] or value == "":
         return None
     return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 

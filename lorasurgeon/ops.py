@@ -47,8 +47,9 @@ class LoraDelta:
     def add_to(self, block: torch.Tensor, start: int, stop: int) -> None:
         """``block += rows start:stop of the delta``, fused into one GEMM (float32 ``block``).
 
-        May differ from ``block + rows(start, stop)`` in the last float32 bit (the GEMM may
-        fuse the scaling and the addition); well inside one rounding to the output dtype.
+        The GEMM fuses the scaling and the addition, so where the sum cancels the float32
+        result can differ from ``block + rows(start, stop)`` by a few float32 ulps of the
+        (small) result; both stay within float32's error bound of the exact value.
         """
         if self.transposed:
             block.addmm_(self.a[:, start:stop].t(), self.b.t(), alpha=self.scaling)

@@ -54,41 +54,42 @@ def prefetch(
     """Yield ``(item, load(item))`` in order, loading up to ``depth`` items ahead on a thread
     that starts at once (before the first item is asked for).
 
-    Memory holds at most ``depth + 1`` loaded items. Closing the iterator early (an exception
-    in the consumer, Ctrl-C) stops the loader; so does ``stop``.
+    At most ``depth + 1`` items are loaded (or being loaded) at a time, the one the consumer
+    works on included: the loader takes a permit before each load, and the consumer gives it
+    back when it asks for the next item. Closing the iterator early (an exception in the
+    consumer, Ctrl-C) stops the loader; so does ``stop``.
     """
-    slots: queue.Queue[object] = queue.Queue(maxsize=depth)
+    slots: queue.Queue[object] = queue.Queue()
+    permits = threading.Semaphore(depth + 1)
     halt = threading.Event()  # this iterator closed; ``stop`` halts everything
 
     def halted() -> bool:
         return halt.is_set() or stop.is_set()
 
-    def put(value: object) -> bool:
-        while not halted():
-            try:
-                slots.put(value, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
     def run() -> None:
         try:
             for item in items:
-                if halted() or not put((item, load(item))):
+                while not permits.acquire(timeout=0.1):
+                    if halted():
+                        return
+                if halted():
                     return
+                slots.put((item, load(item)))
         except BaseException as e:
-            put(_Failure(e))
+            slots.put(_Failure(e))
             return
-        put(_DONE)
+        slots.put(_DONE)
 
     thread = threading.Thread(target=run, name="lorasurgeon-prefetch", daemon=True)
     thread.start()
-    return _consume(slots, thread, halt)
+    return _consume(slots, permits, thread, halt)
 
 
 def _consume(
-    slots: queue.Queue[object], thread: threading.Thread, halt: threading.Event
+    slots: queue.Queue[object],
+    permits: threading.Semaphore,
+    thread: threading.Thread,
+    halt: threading.Event,
 ) -> Iterator[tuple[T, R]]:
     try:
         while True:
@@ -103,6 +104,7 @@ def _consume(
             if isinstance(value, _Failure):
                 raise value.error
             yield value  # type: ignore[misc]
+            permits.release()  # the consumer is done with that item
     finally:
         halt.set()
         thread.join()

@@ -118,14 +118,20 @@ def _read_raw_header(path: Path) -> tuple[dict[str, Any], int, int]:
     except OSError as e:
         raise CheckpointError(f"cannot read: {e.strerror}", path=path) from e
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(raw.decode("utf-8"), parse_int=_parse_int)
+    except (ValueError, RecursionError) as e:  # bad UTF-8, bad JSON, absurd nesting
         raise CheckpointError(
             f"header is not valid JSON ({e})", path=path, hint="the file is corrupt"
         ) from e
     if not isinstance(header, dict):
         _fail(path, "header is not a JSON object")
     return header, 8 + length, size
+
+
+def _parse_int(digits: str) -> int | str:
+    # Absurdly long integers stay text, so that the entry holding them is named as invalid
+    # (int() refuses over 4300 digits and would fail the whole header anonymously).
+    return int(digits) if len(digits) <= 32 else digits
 
 
 def _parse_metadata(path: Path, value: Any) -> dict[str, str] | None:
@@ -142,7 +148,7 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int, size: int) 
     if not isinstance(entry, dict):
         _fail(path, "header entry is not an object", name)
     dtype = entry.get("dtype")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         _fail(path, f"unknown dtype {dtype!r}", name, "expected one of " + ", ".join(DTYPE_SIZES))
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
@@ -202,7 +208,7 @@ def read_header(path: str | os.PathLike[str]) -> ShardHeader:
 def _shards_from_index(index_path: Path) -> tuple[list[Path], dict[str, Any]]:
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"cannot read index: {e}", path=index_path) from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(

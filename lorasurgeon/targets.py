@@ -27,7 +27,7 @@ DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"),
     "mixtral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
     "qwen3": ("q_proj", "v_proj"), "gemma": ("q_proj", "v_proj"),
-    "gemma2": ("q_proj", "v_proj"), "phi3": ("qkv_proj",), "gpt2": ("c_attn",),
+    "gemma2": ("q_proj", "v_proj"), "gpt2": ("c_attn",),
     "gpt_neox": ("query_key_value",), "falcon": ("query_key_value",),
     "bloom": ("query_key_value",), "t5": ("q", "v"), "mt5": ("q", "v"),
     "bert": ("query", "value"), "roberta": ("query", "value"), "opt": ("q_proj", "v_proj"),
@@ -57,10 +57,11 @@ def is_conv1d_module(model_type: str | None, module: str) -> bool:
 
 def layer_index(module: str, layers_pattern: Sequence[str] | None) -> int | None:
     """The layer number PEFT's layers_to_transform filter reads from a module name."""
-    if not layers_pattern:
+    patterns = [p for p in layers_pattern or () if p]  # PEFT: empty means any pattern
+    if not patterns:
         m = _LAYER_INDEX.match(module)
         return int(m.group(1)) if m else None
-    for pattern in layers_pattern:
+    for pattern in patterns:
         m = re.match(r"(?:^|.*?\.)" + pattern + r"\.(\d+)\.", module)
         if m:
             return int(m.group(1))

@@ -8,6 +8,7 @@ their planned offsets, and memory never holds more than the tensor being written
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -129,6 +130,8 @@ def parse_size(text: str | int) -> int:
         ValueError: the text is not a size.
     """
     if isinstance(text, int):
+        if text < 1:
+            raise ValueError(f"size must be positive: {text}")
         return text
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
@@ -137,8 +140,11 @@ def parse_size(text: str | int) -> int:
     unit = s[len(number) :]
     if not number or unit not in units:
         raise ValueError(f"not a size: {text!r} (examples: 5GB, 500MB, 2GiB)")
-    value = float(number) * units[unit]
-    if value < 1:
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (examples: 5GB, 500MB, 2GiB)") from None
+    if not math.isfinite(value) or value < 1:
         raise ValueError(f"size must be positive: {text!r}")
     return int(value)
 
@@ -346,7 +352,9 @@ class CheckpointWriter:
         """
         missing = [name for name in self._slots if name not in self._done]
         if missing:
-            raise OutputError(f"{len(missing)} planned tensors never written", tensor=missing[0])
+            raise OutputError(
+                f"{len(missing)} planned tensors never written", path=self.out, tensor=missing[0]
+            )
         for fd in self._fds:
             os.fsync(fd)
         if self.layout.index_name and not self.layout.single_file:
@@ -356,6 +364,11 @@ class CheckpointWriter:
         old = self.out.parent / f".{self.out.name}.old-{secrets.token_hex(4)}"
         moved_old = False
         if self.out.exists() or self.out.is_symlink():
+            if not self.overwrite:
+                raise OutputError(
+                    "output appeared while this run was writing", path=self.out,
+                    hint="pass --overwrite to replace it",
+                )  # fmt: skip
             os.rename(self.out, old)
             moved_old = True
         try:
