@@ -552,11 +552,6 @@ def test_error_bound_helper_is_tight_enough_to_catch_a_double_rounding() -> None
     assert abs(double_rounded - exact[0, 0]) > bound[0, 0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LoraDelta.add_to fuses scaling and addition into one addmm, which rounds differently "
-    "from PEFT's (B@A)*s + W; near bf16 rounding boundaries the result is the other neighbour",
-)
 def test_bf16_single_adapter_equals_peft_float32_order_bit_for_bit() -> None:
     """peft-lora.md 5.4: for one adapter on a Linear/Conv1D weight PEFT computes
     ``rd(W + (B@A)·s)`` in float32; an implementation using the same float32 order matches it
