@@ -341,11 +341,35 @@ def remove_output(path: Path) -> None:
 # --------------------------------------------------------------------------
 
 
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def cpu_busy(window: float = 0.5) -> float | None:
+    """Fraction of all CPUs busy during ``window`` seconds (None off Linux).
+
+    Called while this script waits, it measures everyone else's load.
+    """
+    try:
+        busy0, total0 = _cpu_times()
+        time.sleep(window)
+        busy1, total1 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy1 - busy0) / max(total1 - total0, 1)
+
+
 @dataclass
 class RunResult:
     wall_s: float
     max_rss_mb: float
     returncode: int
+    cpu_s: float | None = None  # user + system time of the command
     stderr_tail: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -362,15 +386,18 @@ def _parse_elapsed(text: str) -> float:
     return seconds
 
 
-def _parse_gnu_time(report: str) -> tuple[float | None, float | None]:
-    wall = rss_kb = None
+def _parse_gnu_time(report: str) -> dict:
+    """The fields we use from ``/usr/bin/time -v``'s report."""
+    found: dict = {}
     for line in report.splitlines():
-        line = line.strip()
-        if line.startswith("Elapsed (wall clock) time"):
-            wall = _parse_elapsed(line.rsplit(": ", 1)[1])
-        elif line.startswith("Maximum resident set size"):
-            rss_kb = int(line.rsplit(":", 1)[1])
-    return wall, rss_kb
+        key, _, value = line.strip().rpartition(": ")
+        if key.startswith("Elapsed (wall clock) time"):
+            found["wall"] = _parse_elapsed(value)
+        elif key == "Maximum resident set size (kbytes)":
+            found["rss_kb"] = int(value)
+        elif key in ("User time (seconds)", "System time (seconds)"):
+            found["cpu"] = found.get("cpu", 0.0) + float(value)
+    return found
 
 
 # Fallback when GNU time is missing. getrusage(RUSAGE_CHILDREN).ru_maxrss is
@@ -384,9 +411,10 @@ import json, resource, subprocess, sys, time
 start = time.perf_counter()
 rc = subprocess.call(sys.argv[2:])
 wall = time.perf_counter() - start
-rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 with open(sys.argv[1], "w") as f:
-    json.dump({"wall": wall, "rss_kb": rss}, f)
+    json.dump({"wall": wall, "rss_kb": usage.ru_maxrss,
+               "cpu": usage.ru_utime + usage.ru_stime}, f)
 sys.exit(rc)
 """
 
@@ -414,20 +442,20 @@ def timed_run(cmd: list[str], env: dict | None = None, cwd: Path | None = None) 
             errors="replace",
         )
         outer_wall = time.perf_counter() - start
-        wall = rss_kb = None
+        found: dict = {}
         if report.exists():
             text = report.read_text()
             if wrapped[0] == GNU_TIME:
-                wall, rss_kb = _parse_gnu_time(text)
+                found = _parse_gnu_time(text)
             elif text:
-                data = json.loads(text)
-                wall, rss_kb = data["wall"], data["rss_kb"]
+                found = json.loads(text)
     # Progress bars and warnings of successful runs are noise; keep failures'.
     tail = "" if proc.returncode == 0 else "\n".join(proc.stderr.strip().splitlines()[-15:])
     return RunResult(
-        wall_s=wall if wall is not None else outer_wall,
-        max_rss_mb=(rss_kb or 0) / 1024,
+        wall_s=found.get("wall", outer_wall),
+        max_rss_mb=found.get("rss_kb", 0) / 1024,
         returncode=proc.returncode,
+        cpu_s=found.get("cpu"),
         stderr_tail=tail,
         extra={"outer_wall_s": outer_wall},
     )

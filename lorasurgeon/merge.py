@@ -22,8 +22,9 @@ from typing import Any
 from .adapters import Adapter, LoraModule, open_adapter
 from .errors import AdapterError, IncompatibleError, OptionError
 from .locations import Location, Role, resolve
-from .pipeline import Drain, Worker, prefetch
+from .pipeline import BufferPool, Drain, Readahead, Worker, prefetch
 from .reader import (
+    DTYPE_SIZES,
     FLOAT_DTYPES,
     Checkpoint,
     TensorFiles,
@@ -31,7 +32,6 @@ from .reader import (
     as_tensor,
     open_checkpoint,
     side_files,
-    torch_dtype,
 )
 from .targets import INPUT_EMBEDDING_NAMES, OUTPUT_EMBEDDING_NAMES, is_conv1d_module
 from .writer import (
@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 #: ``progress(done_bytes, total_bytes)``, called from worker threads as output is written.
 ProgressCallback = Callable[[int, int], None]
+# How far the kernel reads ahead of the merge: enough to keep the disk busy while torch
+# imports, small next to any page cache.
+_READAHEAD_BYTES = 512 * 1024 * 1024
 DTYPE_CHOICES = {"auto": None, "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
@@ -601,26 +604,49 @@ def _updates(t: TensorPlan, loaded: Mapping[TensorInfo, Any], device: Any) -> li
     return updates
 
 
-def _read_inputs(t: TensorPlan, files: TensorFiles) -> dict[TensorInfo, bytearray]:
-    return {info: files.read(info) for info in _inputs(t)}
+@dataclass
+class _Loaded:
+    """One tensor's stored inputs: the start tensor in a pooled buffer, the small rest."""
+
+    start: bytearray
+    others: dict[TensorInfo, bytearray]
 
 
-def _compute(t: TensorPlan, stored: Mapping[TensorInfo, bytearray], device: Any) -> memoryview:
-    """Merge one tensor and return the bytes to store."""
-    import torch
+def _read_inputs(
+    t: TensorPlan, files: TensorFiles, pool: BufferPool, stop: threading.Event
+) -> _Loaded:
+    start = pool.acquire(stop)
+    try:
+        files.read_into(t.start, memoryview(start)[: t.start.nbytes])
+        others = {info: files.read(info) for info in _inputs(t)[1:]}
+    except BaseException:
+        pool.release(start)
+        raise
+    return _Loaded(start, others)
 
+
+def _compute(t: TensorPlan, inputs: _Loaded, device: Any, out: bytearray) -> memoryview:
+    """Merge one tensor into ``out`` and return the bytes to store."""
     from . import ops
 
-    loaded = {info: as_tensor(info, data) for info, data in stored.items()}
-    start = loaded[t.start].to(device)
-    result = ops.apply_updates(start, _updates(t, loaded, device), torch_dtype(t.dtype))
-    flat = result.reshape(-1).cpu().contiguous()
-    return flat.view(torch.uint8).numpy().data
+    loaded = {info: as_tensor(info, data) for info, data in inputs.others.items()}
+    start = as_tensor(t.start, inputs.start).to(device)
+    result = as_tensor(t.base, out, t.dtype)
+    ops.apply_updates(start, _updates(t, loaded, device), result.dtype, out=result)
+    return memoryview(out)[: _out_bytes(t)]
 
 
-def _write(writer: CheckpointWriter, meter: _Meter, name: str, data: memoryview) -> None:
-    writer.write(name, data)
-    meter.add(data.nbytes)
+def _write(
+    writer: CheckpointWriter, meter: _Meter, pool: BufferPool, name: str, buffer: bytearray,
+    data: memoryview,
+) -> None:  # fmt: skip
+    nbytes = data.nbytes
+    try:
+        writer.write(name, data)
+    finally:
+        data.release()
+        pool.release(buffer)
+    meter.add(nbytes)
 
 
 def _execute(
@@ -629,23 +655,45 @@ def _execute(
 ) -> int:  # fmt: skip
     """Write the planned output. A copier thread streams unchanged tensors while this thread
     imports torch and merges the others; their inputs are read ahead on a prefetch thread and
-    their results written on a writer thread."""
+    their results written on a writer thread, all through a few reused buffers."""
     meter = _Meter(progress, plan.layout.total_size)
     stop = threading.Event()
     copied = [t for t in plan.tensors if t.copied]
     computed = [t for t in plan.tensors if not t.copied]
+    largest = max([t.start.nbytes for t in computed] + [_out_bytes(t) for t in computed] + [0])
+    reads = BufferPool(largest, 2)  # prefetch depth 1: one being merged, one read ahead
+    results = BufferPool(largest, 3)  # drain depth 1: one merged, one queued, one writing
     with TensorFiles() as files, CheckpointWriter(out, plan.layout, overwrite=overwrite) as writer:
         copier = Worker(lambda: _copy_all(copied, files, writer, meter, stop), "lorasurgeon-copy")
         copier.start()
-        drain = Drain(depth=2, stop=stop, name="lorasurgeon-write")
+        drain = Drain(depth=1, stop=stop, name="lorasurgeon-write")
         try:
-            reads = prefetch(computed, lambda t: _read_inputs(t, files), depth=2, stop=stop)
+            ahead = Readahead(
+                computed, lambda t: t.start.nbytes, lambda t: files.advise(t.start),
+                window=_READAHEAD_BYTES,
+            )  # fmt: skip
+
+            def load(t: TensorPlan) -> _Loaded:
+                ahead.advance(positions[t.name])
+                return _read_inputs(t, files, reads, stop)
+
+            positions = {t.name: i for i, t in enumerate(computed)}
+            loads = prefetch(computed, load, depth=1, stop=stop)
             from . import ops  # torch loads while the copier and the prefetcher stream
 
             dev = ops.resolve_device(device)
-            for t, loaded in reads:
-                data = _compute(t, loaded, dev)
-                drain.submit(functools.partial(_write, writer, meter, t.name, data))
+            for t, inputs in loads:
+                buffer = results.acquire(stop)
+                try:
+                    data = _compute(t, inputs, dev, buffer)
+                except BaseException:
+                    results.release(buffer)
+                    raise
+                finally:
+                    reads.release(inputs.start)
+                drain.submit(
+                    functools.partial(_write, writer, meter, results, t.name, buffer, data)
+                )
             drain.close()
             copier.join()
         except BaseException:
@@ -657,6 +705,10 @@ def _execute(
         _add_side_files(plan, writer)
         writer.commit()
     return plan.layout.total_size
+
+
+def _out_bytes(t: TensorPlan) -> int:
+    return t.base.numel * DTYPE_SIZES[t.dtype]
 
 
 def _add_side_files(plan: MergePlan, writer: CheckpointWriter) -> None:

@@ -37,11 +37,14 @@ class LoraDelta:
     transposed: bool = False
     magnitude: torch.Tensor | None = None
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of the delta, as stored (float32)."""
+    def rows(self, start: int, stop: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of the delta, as stored (float32); ``out`` is a scratch buffer
+        with at least that many rows, used when the layout allows."""
         if self.transposed:
             # (B @ A)·s first, as PEFT does, then the transpose: bit-identical products.
             return torch.mm(self.b, self.a[:, start:stop]).mul_(self.scaling).t()
+        if out is not None:
+            return torch.mm(self.b[start:stop], self.a, out=out[: stop - start]).mul_(self.scaling)
         return torch.mm(self.b[start:stop], self.a).mul_(self.scaling)
 
     def full(self) -> torch.Tensor:
@@ -119,25 +122,33 @@ def _apply_dense(
 
 
 def _apply_blocked(
-    weight2d: torch.Tensor, deltas: Sequence[LoraDelta], out_dtype: torch.dtype, block_rows: int
-) -> torch.Tensor:
-    out = torch.empty(weight2d.shape, dtype=out_dtype, device=weight2d.device)
+    weight2d: torch.Tensor, deltas: Sequence[LoraDelta], out: torch.Tensor, block_rows: int
+) -> None:
+    # Two scratch blocks reused for the whole weight: no allocation, no page faults per block.
+    cols = weight2d.shape[1]
+    block = torch.empty(block_rows, cols, dtype=torch.float32)
+    scratch = torch.empty(block_rows, cols, dtype=torch.float32)
     for start in range(0, weight2d.shape[0], block_rows):
         stop = min(start + block_rows, weight2d.shape[0])
-        block = weight2d[start:stop].to(torch.float32, copy=True)
+        acc = block[: stop - start]
+        acc.copy_(weight2d[start:stop])
         for u in deltas:
-            block += u.rows(start, stop)  # PEFT's order: (B @ A) * s, then W + delta
-        out[start:stop] = block
-    return out
+            acc += u.rows(start, stop, out=scratch)  # PEFT's order: (B @ A) * s, then W + delta
+        out[start:stop].copy_(acc)
 
 
 def apply_updates(
-    weight: torch.Tensor, updates: Sequence[Update], out_dtype: torch.dtype
+    weight: torch.Tensor,
+    updates: Sequence[Update],
+    out_dtype: torch.dtype,
+    *,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply ``updates`` in order to ``weight`` in float32 and round once to ``out_dtype``.
 
     ``weight`` has any shape; deltas and rows address its 2-D view (dim 0, then the rest
-    flattened). With no updates this is a plain dtype conversion.
+    flattened). With no updates this is a plain dtype conversion. ``out`` (a CPU tensor of
+    ``weight``'s shape and ``out_dtype``) receives the result, e.g. a reused buffer.
 
     Example:
         >>> w = torch.zeros(4, 3)
@@ -146,12 +157,14 @@ def apply_updates(
         [0.5, 0.5, 0.5]
     """
     shape = weight.shape
+    if out is None:
+        out = torch.empty(shape, dtype=out_dtype, device=weight.device)
     weight2d = weight.reshape(shape[0], -1) if weight.dim() > 1 else weight.reshape(1, -1)
     only_lora = all(isinstance(u, LoraDelta) and u.magnitude is None for u in updates)
-    if only_lora and weight2d.device.type == "cpu" and weight.dim() > 1:
-        block_rows = max(1, _BLOCK_ELEMENTS // max(1, weight2d.shape[1]))
+    if only_lora and weight.device.type == "cpu" and out.device.type == "cpu" and weight.dim() > 1:
+        block_rows = max(1, min(weight2d.shape[0], _BLOCK_ELEMENTS // max(1, weight2d.shape[1])))
         deltas = [u for u in updates if isinstance(u, LoraDelta)]
-        result = _apply_blocked(weight2d, deltas, out_dtype, block_rows)
+        _apply_blocked(weight2d, deltas, out.view(weight2d.shape), block_rows)
     else:
-        result = _apply_dense(weight2d, updates, out_dtype)
-    return result.reshape(shape)
+        out.copy_(_apply_dense(weight2d, updates, out_dtype).reshape(shape))
+    return out

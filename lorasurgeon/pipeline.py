@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Generic, TypeVar
 
-__all__ = ["Drain", "Worker", "prefetch"]
+__all__ = ["BufferPool", "Drain", "Readahead", "Worker", "prefetch"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -149,3 +149,56 @@ class Drain:
         self._jobs.put(None)
         self._thread.join()
         self._check()
+
+
+class BufferPool:
+    """A fixed set of reusable byte buffers of one size, shared by threads.
+
+    Allocating (and page-faulting) a fresh buffer per tensor costs as much as the merge
+    arithmetic; buffers from the pool are touched once and reused. ``acquire`` waits for a
+    free buffer (or for ``stop``).
+    """
+
+    def __init__(self, size: int, count: int) -> None:
+        self.size = size
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(count):
+            self._free.put(bytearray(size))
+
+    def acquire(self, stop: threading.Event) -> bytearray:
+        while True:
+            try:
+                return self._free.get(timeout=0.1)
+            except queue.Empty:
+                if stop.is_set():
+                    raise InterruptedError("stopped while waiting for a buffer") from None
+
+    def release(self, buffer: bytearray) -> None:
+        self._free.put(buffer)
+
+
+class Readahead(Generic[T]):
+    """Keep the disk busy ahead of a reader: ``advance(i)`` hints items after ``i`` until
+    ``window`` bytes are hinted beyond it (``advise`` is e.g. ``posix_fadvise(WILLNEED)``).
+
+    The kernel then reads while the CPU does other work (importing torch, merging), and page
+    cache use stays within the window.
+    """
+
+    def __init__(
+        self, items: Sequence[T], size: Callable[[T], int], advise: Callable[[T], None],
+        *, window: int,
+    ) -> None:  # fmt: skip
+        self._items = items
+        self._size = size
+        self._advise = advise
+        self._window = window
+        self._next = 0  # first item not hinted yet
+
+    def advance(self, current: int) -> None:
+        ahead = sum(self._size(x) for x in self._items[current + 1 : self._next])
+        while self._next < len(self._items) and ahead < self._window:
+            if self._next > current:
+                self._advise(self._items[self._next])
+                ahead += self._size(self._items[self._next])
+            self._next += 1

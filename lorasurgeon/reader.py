@@ -314,6 +314,12 @@ class TensorFiles:
                 raise CheckpointError("file ended early", path=info.path, tensor=info.name)
             done += n
 
+    def advise(self, info: TensorInfo) -> None:
+        """Ask the kernel to start reading the tensor's bytes into the page cache now
+        (asynchronously), so that a later ``read_into`` finds them there."""
+        if hasattr(os, "posix_fadvise") and info.nbytes:
+            os.posix_fadvise(self.fd(info.path), info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
+
     def read(self, info: TensorInfo) -> bytearray:
         buffer = bytearray(info.nbytes)
         self.read_into(info, buffer)
@@ -324,14 +330,15 @@ class TensorFiles:
         return as_tensor(info, self.read(info))
 
 
-def as_tensor(info: TensorInfo, buffer: bytearray) -> torch.Tensor:
-    """View bytes read for ``info`` as a CPU tensor of its dtype and shape (no copy)."""
+def as_tensor(info: TensorInfo, buffer: bytearray, dtype: str | None = None) -> torch.Tensor:
+    """View the first bytes of ``buffer`` as a CPU tensor of ``info``'s shape and dtype (or
+    ``dtype``, a safetensors code), without copying. The buffer may be longer."""
     import torch
 
-    dtype = torch_dtype(info.dtype)
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=dtype)
-    return torch.frombuffer(buffer, dtype=dtype).reshape(info.shape)
+    torch_type = torch_dtype(dtype or info.dtype)
+    if info.numel == 0:
+        return torch.empty(info.shape, dtype=torch_type)
+    return torch.frombuffer(buffer, dtype=torch_type, count=info.numel).reshape(info.shape)
 
 
 @dataclass
