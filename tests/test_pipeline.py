@@ -258,3 +258,43 @@ def test_worker_join_waits_for_target() -> None:
     threading.Timer(0.1, release.set).start()
     within(TIMEOUT, worker.join)
     assert done == [True]
+
+
+# ---------------------------------------------------------------- BufferPool, Readahead
+
+
+def test_buffer_pool_hands_out_each_buffer_once_until_released() -> None:
+    from lorasurgeon.pipeline import BufferPool
+
+    pool = BufferPool(16, 2)
+    first, second = pool.acquire(threading.Event()), pool.acquire(threading.Event())
+    assert first is not second and len(first) == len(second) == 16
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(InterruptedError):
+        pool.acquire(stop)  # empty pool: waits until stopped
+    pool.release(first)
+    assert pool.acquire(threading.Event()) is first
+
+
+@pytest.mark.parametrize(
+    ("sizes", "window", "steps", "expected"),
+    [
+        # item sizes, window bytes, advance(i) calls, items hinted after all of them
+        ([10, 10, 10, 10], 15, [0], [1, 2]),
+        ([10, 10, 10, 10], 15, [0, 1], [1, 2, 3]),
+        ([10, 10, 10, 10], 100, [0], [1, 2, 3]),
+        ([50, 5, 5, 5], 8, [0, 1, 2, 3], [1, 2, 3]),
+        ([10], 100, [0], []),
+    ],
+)
+def test_readahead_hints_each_later_item_once_within_the_window(
+    sizes: list[int], window: int, steps: list[int], expected: list[int]
+) -> None:
+    from lorasurgeon.pipeline import Readahead
+
+    hinted: list[int] = []
+    ahead = Readahead(list(range(len(sizes))), lambda i: sizes[i], hinted.append, window=window)
+    for step in steps:
+        ahead.advance(step)
+    assert hinted == expected
