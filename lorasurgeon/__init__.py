@@ -14,7 +14,7 @@ from .errors import (
     OptionError,
     OutputError,
 )
-from .merge import MergePlan, MergeReport, merge, plan_merge
+from .merge import DType, MergePlan, MergeReport, merge, plan_merge
 from .reader import Checkpoint, TensorInfo, open_checkpoint
 from .summary import Summary, summarize
 from .writer import parse_size
@@ -25,6 +25,7 @@ __all__ = [
     "AdapterError",
     "Checkpoint",
     "CheckpointError",
+    "DType",
     "IncompatibleError",
     "LocationError",
     "LorasurgeonError",

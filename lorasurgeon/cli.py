@@ -129,7 +129,7 @@ def cli() -> None:
 @click.option("--unmerge", is_flag=True, help="Subtract the updates instead (undo a merge).")
 @click.option(
     "--dtype",
-    type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+    type=click.Choice([d.value for d in api.DType]),
     default="auto",
     show_default=True,
     help="Output dtype of floating-point tensors; auto keeps each tensor's dtype.",

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from .reader import (
     TensorInfo,
     as_tensor,
     open_checkpoint,
+    read_config,
     side_files,
 )
 from .targets import INPUT_EMBEDDING_NAMES, OUTPUT_EMBEDDING_NAMES, is_conv1d_module
@@ -43,7 +45,10 @@ from .writer import (
     plan_layout,
 )
 
-__all__ = ["Change", "MergePlan", "MergeReport", "TensorPlan", "merge", "plan_merge"]
+__all__ = [
+    "Change", "ChangeKind", "DType", "MergePlan", "MergeReport", "TensorPlan", "merge",
+    "plan_merge",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -52,20 +57,46 @@ ProgressCallback = Callable[[int, int], None]
 # How far the kernel reads ahead of the merge: enough to keep the disk busy while torch
 # imports, small next to any page cache.
 _READAHEAD_BYTES = 512 * 1024 * 1024
-DTYPE_CHOICES = {"auto": None, "float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+class DType(str, Enum):
+    """The output dtype choice of ``merge``: ``auto`` keeps each tensor's dtype."""
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+    @property
+    def code(self) -> str | None:
+        """The safetensors dtype code, None for auto."""
+        return {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(self.value)
+
+
+class ChangeKind(str, Enum):
+    """What an adapter does to one output tensor."""
+
+    LORA = "lora"  # + scaling · B @ A
+    DORA = "dora"  # DoRA: magnitude / norm · (W + delta)
+    LORA_BIAS = "lora_bias"  # bias + scaling · lora_B.bias
+    REPLACE = "replace"  # saved whole by the adapter (modules_to_save, trained biases)
+    COPY = "copy"  # PEFT's copy of a LoRA-targeted embedding's base weight
+    ROWS = "rows"  # trainable token rows replace base rows
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_STARTS = (ChangeKind.REPLACE, ChangeKind.COPY)
 
 
 @dataclass(frozen=True)
 class Change:
-    """One adapter's contribution to one output tensor.
-
-    ``kind`` is ``lora``, ``dora``, ``lora_bias`` (``scaling · lora_B.bias`` added to a bias),
-    ``replace`` (the adapter saved the tensor whole) or ``rows`` (trainable token rows).
-    ``scaling`` already includes the adapter's weight and, for unmerge, the sign.
-    """
+    """One adapter's contribution to one output tensor. ``scaling`` already includes the
+    adapter's weight and, for unmerge, the sign."""
 
     adapter: int
-    kind: str
+    kind: ChangeKind
     module: str
     source: TensorInfo | None = None
     lora: LoraModule | None = None
@@ -88,13 +119,13 @@ class TensorPlan:
     def start(self) -> TensorInfo:
         """The tensor the deltas are added to: a replacement, or the base tensor."""
         first = self.changes[0] if self.changes else None
-        if first is not None and first.kind in ("replace", "copy") and first.source is not None:
+        if first is not None and first.kind in _STARTS and first.source is not None:
             return first.source
         return self.base
 
     @property
     def deltas(self) -> tuple[Change, ...]:
-        return tuple(c for c in self.changes if c.kind not in ("replace", "copy"))
+        return tuple(c for c in self.changes if c.kind not in _STARTS)
 
     @property
     def copied(self) -> bool:
@@ -119,7 +150,7 @@ class MergePlan:
 
     @property
     def changes(self) -> dict[str, list[str]]:
-        """Base tensor name -> what changes it, e.g. ``["lora from adapters[0] (q_proj)"]``."""
+        """Base tensor name -> what changes it, e.g. ``["lora from my-adapter/"]``."""
         described: dict[str, list[str]] = {}
         for t in self.tensors:
             items = [f"{c.kind} from {self.adapters[c.adapter]}" for c in t.changes]
@@ -141,17 +172,6 @@ class MergeReport:
     bytes_written: int
     seconds: float
     notes: tuple[str, ...] = field(default=())
-
-
-def _read_base_config(location: Location) -> dict[str, Any]:
-    path = location.path / "config.json" if location.path.is_dir() else None
-    if path is None or not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return config if isinstance(config, dict) else {}
 
 
 @dataclass
@@ -221,7 +241,7 @@ def _lora_change(
                 path=where,
                 tensor=lm.magnitude.name,
             )
-    kind = "dora" if lm.magnitude is not None else "lora"
+    kind = ChangeKind.DORA if lm.magnitude is not None else ChangeKind.LORA
     return w.name, Change(index, kind, lm.module, lora=lm, transposed=transposed, scaling=scaling)
 
 
@@ -236,7 +256,7 @@ def _bias_change(
             path=adapter.checkpoint.path,
             tensor=lm.lora_b_bias.name,
         )
-    change = Change(index, "lora_bias", lm.module, source=lm.lora_b_bias, scaling=scaling)
+    change = Change(index, ChangeKind.LORA_BIAS, lm.module, source=lm.lora_b_bias, scaling=scaling)
     return bias.name, change
 
 
@@ -275,7 +295,7 @@ def _replacements(
                 path=adapter.checkpoint.path,
                 tensor=info.name,
             )
-        kind = "copy" if copy else "replace"
+        kind = ChangeKind.COPY if copy else ChangeKind.REPLACE
         found.append((target.name, Change(index, kind, name, source=info)))
     return found
 
@@ -302,7 +322,7 @@ def _token_changes(
                 path=adapter.checkpoint.path,
                 tensor=info.name,
             )
-        found.append((w.name, Change(index, "rows", module, source=info, indices=indices)))
+        found.append((w.name, Change(index, ChangeKind.ROWS, module, source=info, indices=indices)))
     return found
 
 
@@ -328,21 +348,23 @@ def _adapter_changes(
 
 def _order(changes: list[Change], where: Path, name: str) -> tuple[Change, ...]:
     """Order one tensor's changes: the replacement it starts from, deltas, then token rows."""
-    starts = [c for c in changes if c.kind in ("replace", "copy")]
-    if sum(c.kind == "replace" for c in starts) > 1:
+    starts = [c for c in changes if c.kind in _STARTS]
+    if sum(c.kind is ChangeKind.REPLACE for c in starts) > 1:
         raise AdapterError(
             "saved whole by more than one adapter; merge them one at a time",
             path=where,
             tensor=name,
         )
-    starts.sort(key=lambda c: c.kind != "replace")  # a trained tensor wins over a base copy
-    rows = [c for c in changes if c.kind == "rows"]
+    starts.sort(
+        key=lambda c: c.kind is not ChangeKind.REPLACE
+    )  # a trained tensor wins over a base copy
+    rows = [c for c in changes if c.kind is ChangeKind.ROWS]
     seen: set[int] = set()
     for c in rows:
         if seen & set(c.indices):
             raise AdapterError("two adapters replace the same token rows", path=where, tensor=name)
         seen |= set(c.indices)
-    deltas = [c for c in changes if c.kind in ("lora", "dora", "lora_bias")]
+    deltas = [c for c in changes if c.kind not in _STARTS and c.kind is not ChangeKind.ROWS]
     return tuple(starts[:1] + deltas + rows)
 
 
@@ -372,7 +394,7 @@ def _plan_tensors(
     where = base.checkpoint.path
     for info in base.tensors.values():
         changes = _order(per_tensor.get(info.name, []), where, info.name)
-        has_deltas = any(c.kind not in ("replace", "copy") for c in changes)
+        has_deltas = any(c.kind not in _STARTS for c in changes)
         out_dtype = _output_dtype(info, dtype, has_deltas, where)
         plans.append(TensorPlan(info.name, info, out_dtype, changes))
     return tuple(plans)
@@ -380,7 +402,7 @@ def _plan_tensors(
 
 def _config_text(base: Location, dtype: str | None) -> str | None:
     """config.json with its dtype updated, when --dtype changes it."""
-    config = _read_base_config(base)
+    config = read_config(base.path)
     if dtype is None or not config:
         return None
     name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
@@ -399,9 +421,12 @@ def _normalize(
         weights = [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise OptionError(f"{len(weights)} weights given for {len(adapters)} adapters")
-    if dtype not in DTYPE_CHOICES:
-        raise OptionError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, not {dtype!r}")
-    return tuple(float(w) for w in weights), DTYPE_CHOICES[dtype]
+    try:
+        code = DType(dtype).code
+    except ValueError:
+        choices = ", ".join(d.value for d in DType)
+        raise OptionError(f"dtype must be one of {choices}, not {dtype!r}") from None
+    return tuple(float(w) for w in weights), code
 
 
 def plan_merge(
@@ -430,7 +455,7 @@ def plan_merge(
     output_is_file = base_loc.path.is_file()
     if output_is_file and shard_limit is not None:
         raise OptionError("--max-shard-size needs a base directory (the output is one file)")
-    model_type = _read_base_config(base_loc).get("model_type")
+    model_type = read_config(base_loc.path).get("model_type")
     with open_checkpoint(base_loc.path) as checkpoint:
         opened: list[Adapter] = []
         try:
@@ -572,7 +597,7 @@ def _inputs(t: TensorPlan) -> list[TensorInfo]:
     for c in t.deltas:
         if c.lora is not None:
             needed += [c.lora.lora_a, c.lora.lora_b]
-            if c.kind == "dora" and c.lora.magnitude is not None:
+            if c.kind is ChangeKind.DORA and c.lora.magnitude is not None:
                 needed.append(c.lora.magnitude)
         elif c.source is not None:
             needed.append(c.source)
@@ -592,13 +617,13 @@ def _updates(t: TensorPlan, loaded: Mapping[TensorInfo, Any], device: Any) -> li
     for c in t.deltas:
         if c.lora is not None:
             a, b = get(c.lora.lora_a), get(c.lora.lora_b)
-            stored = c.lora.magnitude if c.kind == "dora" else None
+            stored = c.lora.magnitude if c.kind is ChangeKind.DORA else None
             magnitude = get(stored).reshape(-1) if stored is not None else None
             a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
             updates.append(ops.LoraDelta(a2, b2, c.scaling, c.transposed, magnitude))
-        elif c.kind == "lora_bias" and c.source is not None:
+        elif c.kind is ChangeKind.LORA_BIAS and c.source is not None:
             updates.append(ops.AddDelta(get(c.source) * c.scaling))
-        elif c.kind == "rows" and c.source is not None:
+        elif c.kind is ChangeKind.ROWS and c.source is not None:
             rows = torch.tensor(c.indices, dtype=torch.long, device=device)
             updates.append(ops.SetRows(rows, get(c.source)))
     return updates

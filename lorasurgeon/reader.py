@@ -34,6 +34,7 @@ __all__ = [
     "dtype_code",
     "find_checkpoint_file",
     "open_checkpoint",
+    "read_config",
     "read_header",
     "side_files",
     "torch_dtype",
@@ -476,3 +477,16 @@ def side_files(checkpoint: Checkpoint) -> tuple[list[tuple[str, Path]], list[str
         else:
             files.append((str(relative), path))
     return files, skipped
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """The ``config.json`` of a checkpoint directory as a dict; empty when there is none or it
+    is not a JSON object (it only refines behaviour, so it is never an error)."""
+    path = directory / "config.json"
+    if not directory.is_dir() or not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return config if isinstance(config, dict) else {}

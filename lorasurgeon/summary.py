@@ -5,15 +5,13 @@ No tensor data is read and torch is not imported.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .adapters import ADAPTER_CONFIG_NAME, LoraModule, open_adapter
 from .locations import Role, resolve
-from .reader import Checkpoint, open_checkpoint
+from .reader import Checkpoint, open_checkpoint, read_config
 
 __all__ = ["AdapterModuleSummary", "Summary", "summarize"]
 
@@ -58,15 +56,6 @@ class Summary:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (what ``inspect --json`` prints)."""
         return asdict(self)
-
-
-def _model_type(directory: Path) -> str | None:
-    config = directory / "config.json"
-    try:
-        value = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
 
 
 def _counts(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -114,7 +103,7 @@ def summarize(location: str | os.PathLike[str]) -> Summary:
                 ignored_modules=list(adapter.ignored),
             )  # fmt: skip
     with open_checkpoint(path) as checkpoint:
-        model_type = _model_type(path) if path.is_dir() else None
+        model_type = read_config(path).get("model_type")
         return Summary(
             str(loc), str(path), "checkpoint", **_counts(checkpoint), model_type=model_type
         )
