@@ -8,6 +8,7 @@ a file and nothing is memory-mapped (mapped pages would count towards the proces
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -81,10 +82,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -163,9 +161,7 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int, size: int) 
     ):
         _fail(path, f"invalid data_offsets {offsets!r}", name)
     begin, end = offsets
-    numel = 1
-    for d in shape:
-        numel *= d
+    numel = math.prod(shape)
     if end - begin != numel * DTYPE_SIZES[dtype]:
         _fail(
             path,
