@@ -1,7 +1,8 @@
 """lorasurgeon: offline checkpoint surgery for LoRA on safetensors files.
 
 The public API: ``merge`` and ``plan_merge`` fold PEFT LoRA adapters into a base checkpoint
-exactly as PEFT's ``merge_and_unload()`` does; ``summarize`` describes a checkpoint or adapter;
+exactly as PEFT's ``merge_and_unload()`` does; ``extract`` pulls a LoRA adapter out of a
+fine-tune by truncated SVD; ``summarize`` describes a checkpoint or adapter;
 ``open_checkpoint`` reads a checkpoint by header. Importing this package does not import torch.
 """
 
@@ -14,10 +15,11 @@ from .errors import (
     OptionError,
     OutputError,
 )
-from .merge import DType, MergePlan, MergeReport, merge, plan_merge
+from .extract import ExtractPlan, ExtractReport, ModuleReport, extract, plan_extraction
+from .merge import MergePlan, MergeReport, merge, plan_merge
 from .reader import Checkpoint, TensorInfo, open_checkpoint
 from .summary import Summary, summarize
-from .writer import parse_size
+from .writer import DType, parse_size
 
 __version__ = "0.1.0"
 
@@ -26,19 +28,24 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "DType",
+    "ExtractPlan",
+    "ExtractReport",
     "IncompatibleError",
     "LocationError",
     "LorasurgeonError",
     "MergePlan",
+    "ModuleReport",
     "MergeReport",
     "OptionError",
     "OutputError",
     "Summary",
     "TensorInfo",
     "__version__",
+    "extract",
     "merge",
     "open_checkpoint",
     "parse_size",
+    "plan_extraction",
     "plan_merge",
     "summarize",
 ]

@@ -95,9 +95,10 @@ class _Bar:
 def cli() -> None:
     """Operate on checkpoints without loading a model.
 
-    Fold PEFT LoRA adapters into safetensors checkpoints (`merge`) and see what a checkpoint
-    or adapter holds (`inspect`). Every LOCATION is a checkpoint directory, a .safetensors
-    file, a PEFT adapter directory, or a Hub repo id owner/name[@revision].
+    Fold PEFT LoRA adapters into safetensors checkpoints (`merge`), pull a LoRA out of a
+    fine-tune (`extract`) and see what a checkpoint or adapter holds (`inspect`). Every
+    LOCATION is a checkpoint directory, a .safetensors file, a PEFT adapter directory, or a
+    Hub repo id owner/name[@revision].
 
     \b
     Examples:
@@ -205,6 +206,203 @@ def _print_plan(plan: api.MergePlan) -> None:
         f"{'one file' if plan.output_is_file else f'{shards} shard(s)'}, "
         f"{_size(plan.layout.total_size)}; nothing was written"
     )
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
+@cli.command()
+@click.argument("base")
+@click.argument("tuned")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    metavar="OUT",
+    help="The PEFT adapter directory to write.",
+)
+@click.option(
+    "--rank",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="LoRA rank (the rank of --rank-method fixed).",
+)
+@click.option(
+    "--alpha",
+    type=float,
+    default=None,
+    help="LoRA alpha of every module [default: each module's rank, scaling 1].",
+)
+@click.option(
+    "--target-modules",
+    default="all-linear",
+    show_default=True,
+    metavar="LIST",
+    help="Comma-separated module names (PEFT's suffix rules), or all-linear.",
+)
+@click.option(
+    "--exclude-modules",
+    default=None,
+    metavar="LIST",
+    help="Comma-separated module names never extracted.",
+)
+@click.option(
+    "--layers-to-transform",
+    default=None,
+    metavar="LIST",
+    help="Comma-separated layer indices to extract from.",
+)
+@click.option(
+    "--layers-pattern",
+    default=None,
+    metavar="NAME",
+    help="Name of the layer list, e.g. layers or h (with --layers-to-transform).",
+)
+@click.option(
+    "--rank-method",
+    type=click.Choice(["fixed", "energy", "budget"]),
+    default="fixed",
+    show_default=True,
+    help="fixed rank; energy: smallest rank keeping --energy of each update; "
+    "budget: --param-budget parameters spent where they remove the most error.",
+)
+@click.option(
+    "--energy",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    metavar="F",
+    help="Fraction of each update's squared norm to keep (energy).",
+)
+@click.option(
+    "--param-budget",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Total LoRA parameters over the whole model (budget).",
+)
+@click.option(
+    "--min-rank",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Smallest rank of any module.",
+)
+@click.option(
+    "--max-rank",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Largest rank of any module [default: 128 for energy and budget].",
+)
+@click.option(
+    "--svd",
+    type=click.Choice(["randomized", "exact"]),
+    default="randomized",
+    show_default=True,
+    help="randomized: within 1% of the best error, fast; exact: the best error.",
+)
+@click.option(
+    "--save-modules",
+    default=None,
+    metavar="LIST",
+    help="Modules stored whole instead, e.g. embed_tokens,lm_head.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice([d.value for d in api.DType]),
+    default="auto",
+    show_default=True,
+    help="dtype of the stored factors; auto: the base weight's.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    default=None,
+    metavar="FILE.json",
+    help="Write the per-module figures as JSON.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once done).")
+@click.option(
+    "--device",
+    type=DeviceParam(),
+    default="auto",
+    show_default=True,
+    help="Where to compute: the first GPU when there is one, else the CPU.",
+)
+@_common
+def extract(
+    base: str, tuned: str, out: str, rank: int, alpha: float | None, target_modules: str,
+    exclude_modules: str | None, layers_to_transform: str | None, layers_pattern: str | None,
+    rank_method: str, energy: float | None, param_budget: int | None, min_rank: int,
+    max_rank: int | None, svd: str, save_modules: str | None, dtype: str,
+    report_path: str | None, overwrite: bool, device: str, quiet: bool, debug: bool,
+) -> None:  # fmt: skip
+    """Extract a LoRA adapter from TUNED - BASE by truncated SVD.
+
+    Each selected weight's update becomes scaling * B @ A, its best (exact) or near-best
+    (randomized) low-rank approximation; weights equal in both are skipped. OUT is a PEFT
+    adapter directory that PeftModel.from_pretrained(base_model, OUT) loads. A summary of
+    the errors ends the run; tensors that changed but are not in the adapter are listed.
+
+    \b
+    Examples:
+      lorasurgeon extract base/ tuned/ -o lora --rank 32
+      lorasurgeon extract base/ tuned/ -o lora --rank-method energy --energy 0.9
+      lorasurgeon extract base/ tuned/ -o lora --rank-method budget --param-budget 20000000
+    """
+    try:
+        layers = [int(x) for x in _split(layers_to_transform) or []] or None
+    except ValueError:
+        raise click.BadParameter("must be comma-separated integers",
+                                 param_hint="--layers-to-transform") from None  # fmt: skip
+    targets: list[str] | str = target_modules
+    if target_modules.lower() != "all-linear":
+        targets = _split(target_modules) or []
+    bar = _Bar(quiet, "extract")
+    try:
+        report = api.extract(
+            base, tuned, out, rank=rank, alpha=alpha, target_modules=targets,
+            exclude_modules=_split(exclude_modules), layers_to_transform=layers,
+            layers_pattern=_split(layers_pattern), rank_method=rank_method, energy=energy,
+            param_budget=param_budget, min_rank=min_rank, max_rank=max_rank, svd=svd,
+            save_modules=_split(save_modules) or (), dtype=dtype, device=device,
+            overwrite=overwrite, progress=bar,
+        )  # fmt: skip
+    finally:
+        bar.close()
+    data = report.to_dict()
+    if report_path:
+        with open(report_path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+    for line in _extract_summary(report, data):
+        click.echo(line, err=True)
+
+
+def _extract_summary(report: api.ExtractReport, data: dict[str, Any]) -> list[str]:
+    ranks = [m.rank for m in report.modules]
+    kept = min((m.energy_kept for m in report.modules), default=1.0)
+    lines = [
+        f"wrote {report.out}: {len(report.modules)} modules, ranks {min(ranks)}-{max(ranks)} "
+        f"(total {sum(ranks)}), {_count(report.total_params)} parameters, "
+        f"{report.seconds:.1f} s",
+        f"relative error: worst {data['worst_rel_error']:.4f}, median "
+        f"{data['median_rel_error']:.4f}; energy kept: worst {kept:.4f}",
+    ]
+    if report.skipped_equal:
+        lines.append(f"{report.skipped_equal} selected weights are equal in both and were skipped")
+    if report.saved_modules:
+        lines.append(f"saved whole: {', '.join(report.saved_modules)}")
+    if report.not_in_adapter:
+        share = sum(row["share"] for row in report.not_in_adapter)
+        lines.append(
+            f"{len(report.not_in_adapter)} changed tensors are not in the adapter "
+            f"({share:.2%} of the update; see --report); largest: "
+            f"{report.not_in_adapter[0]['tensor']}"
+        )
+    return lines
 
 
 @cli.command(name="inspect")

@@ -38,6 +38,7 @@ from .reader import (
 from .targets import INPUT_EMBEDDING_NAMES, OUTPUT_EMBEDDING_NAMES, is_conv1d_module
 from .writer import (
     CheckpointWriter,
+    DType,
     OutputLayout,
     OutputTensor,
     check_output_path,
@@ -57,20 +58,6 @@ ProgressCallback = Callable[[int, int], None]
 # How far the kernel reads ahead of the merge: enough to keep the disk busy while torch
 # imports, small next to any page cache.
 _READAHEAD_BYTES = 512 * 1024 * 1024
-
-
-class DType(str, Enum):
-    """The output dtype choice of ``merge``: ``auto`` keeps each tensor's dtype."""
-
-    AUTO = "auto"
-    FLOAT32 = "float32"
-    FLOAT16 = "float16"
-    BFLOAT16 = "bfloat16"
-
-    @property
-    def code(self) -> str | None:
-        """The safetensors dtype code, None for auto."""
-        return {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(self.value)
 
 
 class ChangeKind(str, Enum):

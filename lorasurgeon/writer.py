@@ -15,6 +15,7 @@ import shutil
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from .reader import DTYPE_SIZES, Checkpoint
 __all__ = [
     "SHARD_NAME_FORMAT",
     "CheckpointWriter",
+    "DType",
     "OutputLayout",
     "OutputShard",
     "OutputTensor",
@@ -36,6 +38,20 @@ __all__ = [
 #: Shard file names of a re-sharded checkpoint, as transformers writes them.
 SHARD_NAME_FORMAT = "{stem}-{index:05d}-of-{count:05d}.safetensors"
 _COPY_BLOCK = 64 * 1024 * 1024
+
+
+class DType(str, Enum):
+    """The output dtype choice of ``merge``: ``auto`` keeps each tensor's dtype."""
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+    @property
+    def code(self) -> str | None:
+        """The safetensors dtype code, None for auto."""
+        return {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(self.value)
 
 
 @dataclass(frozen=True)
