@@ -286,7 +286,8 @@ def _delta_matrix(m: ExtractModule, base: Any, tuned: Any, device: Any) -> Any:
     """tuned - base in float32 as the (out, in) matrix that B @ A approximates."""
     import torch
 
-    delta = tuned.to(device, torch.float32) - base.to(device, torch.float32)
+    # moved in the stored dtype (half the bytes for bf16), upcast on the device
+    delta = tuned.to(device).to(torch.float32) - base.to(device).to(torch.float32)
     if m.layout in ("conv1d", "embedding"):
         return delta.t()  # stored (in, out) / (vocab, dim); PEFT's delta is (B @ A)ᵀ
     return delta.reshape(delta.shape[0], -1)

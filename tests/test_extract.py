@@ -221,3 +221,12 @@ def test_gpt2_conv1d_extract_loads_in_peft(gpt2: TinyBase, tmp_path: Path) -> No
         name = m.module + ".weight"
         scale = float(tuned[name].abs().max())
         assert float((theirs[name] - tuned[name]).abs().max()) <= 1e-5 * scale, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_extract_matches_cpu(llama_fp32: TinyBase, noisy: Path, tmp_path: Path) -> None:
+    cpu = lorasurgeon.extract(llama_fp32.path, noisy, tmp_path / "c", rank=4, device="cpu")
+    gpu = lorasurgeon.extract(llama_fp32.path, noisy, tmp_path / "g", rank=4, device="cuda")
+    for c, g in zip(cpu.modules, gpu.modules, strict=True):
+        assert c.module == g.module and g.rel_error == pytest.approx(c.rel_error, rel=1e-3)
