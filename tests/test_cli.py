@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 
 import lorasurgeon
+import lorasurgeon.stream as stream_module  # the streaming half of merge
 from lorasurgeon.cli import cli, main
-
-merge_module = sys.modules["lorasurgeon.merge"]  # the package attribute is the function
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "fixtures"
@@ -239,7 +238,7 @@ def test_weight_count_mismatch_is_a_usage_error(
 
 
 def _fail_at(monkeypatch: pytest.MonkeyPatch, n: int, error: BaseException) -> None:
-    original = merge_module._compute
+    original = stream_module._compute
     calls = {"n": 0}
 
     def failing(*args, **kwargs):
@@ -248,7 +247,7 @@ def _fail_at(monkeypatch: pytest.MonkeyPatch, n: int, error: BaseException) -> N
             raise error
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(merge_module, "_compute", failing)
+    monkeypatch.setattr(stream_module, "_compute", failing)
 
 
 @pytest.mark.parametrize("n", [1, 5, 14])
@@ -306,7 +305,7 @@ def test_overwrite_replaces_the_old_output(work: Path) -> None:
 KILL_AT_THIRD_TENSOR = """
 import os, signal, sys
 import lorasurgeon
-m = sys.modules['lorasurgeon.merge']
+import lorasurgeon.stream as m
 original, calls = m._compute, [0]
 def compute(*a, **k):
     calls[0] += 1
