@@ -384,10 +384,10 @@ def extract(
 def _extract_summary(report: api.ExtractReport, data: dict[str, Any]) -> list[str]:
     ranks = [m.rank for m in report.modules]
     kept = min((m.energy_kept for m in report.modules), default=1.0)
+    spread = f"rank {ranks[0]}" if min(ranks) == max(ranks) else f"ranks {min(ranks)}-{max(ranks)}"
     lines = [
-        f"wrote {report.out}: {len(report.modules)} modules, ranks {min(ranks)}-{max(ranks)} "
-        f"(total {sum(ranks)}), {_count(report.total_params)} parameters, "
-        f"{report.seconds:.1f} s",
+        f"wrote {report.out}: {len(report.modules)} modules, {spread} (total {sum(ranks)}), "
+        f"{_count(report.total_params)} parameters, {report.seconds:.1f} s",
         f"relative error: worst {data['worst_rel_error']:.4f}, median "
         f"{data['median_rel_error']:.4f}; energy kept: worst {kept:.4f}",
     ]

@@ -482,6 +482,20 @@ def test_help_offers_every_option_of_the_contract(command: str) -> None:
     assert _spec_options(command) <= offered, _spec_options(command) - offered
 
 
+def test_readme_extract_runs_on_the_fixtures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = tmp_path / "lora.json"
+    code, _, err = run_cli(
+        capsys, "extract", FIXTURES / "base", FIXTURES / "tuned", "-o", tmp_path / "lora",
+        "--rank", "4", "--report", report,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "14 modules, rank 4" in err and "model.norm.weight" in err
+    data = json.loads(report.read_text())
+    assert len(data["modules"]) == 14 and data["worst_rel_error"] < 0.1
+
+
 def test_console_script_runs_the_readme_merge(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "lorasurgeon", "merge", FIXTURES / "base", FIXTURES / "adapter",
