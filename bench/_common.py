@@ -489,3 +489,132 @@ def parse_size(text: str) -> int:
         raise ValueError(f"cannot parse size {text!r}")
     mult = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}[m.group(2).lower()]
     return int(float(m.group(1)) * mult)
+
+
+# --------------------------------------------------------------------------
+# Synthetic fine-tune of a base checkpoint (bench/extract.py)
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """How the synthetic "tuned" checkpoint differs from its base.
+
+    Every linear weight W (the seven projections of every layer) becomes
+    ``W + U diag(s) Vᵀ + N``, rounded to bf16: U and V have orthonormal
+    columns, the planted rank is drawn per module from min_rank..max_rank, the
+    singular values decay geometrically (``s_i ∝ d^i`` with ``d`` drawn from
+    ``decay``), and N is Gaussian noise holding ``noise_share`` of the update's
+    squared norm (a full-rank floor). The update's elements have an rms of
+    ``delta_rms`` (5% of the base weights' 0.02). One norm (``norm_tensor``)
+    gets a small change too; everything else is copied unchanged.
+    """
+
+    min_rank: int = 8
+    max_rank: int = 32
+    decay: tuple[float, float] = (0.85, 0.95)
+    delta_rms: float = 1e-3
+    noise_share: float = 0.1
+    norm_tensor: str = "model.layers.0.input_layernorm.weight"
+    norm_rms: float = 1e-3
+
+
+def linear_weight_names(spec: ModelSpec) -> list[str]:
+    """The ``.weight`` names of every projection, in layer order."""
+    return [
+        f"{module}.weight"
+        for layer in range(spec.layers)
+        for module, _, _ in linear_modules(spec, layer)
+    ]
+
+
+def planted_update(name: str, shape: tuple[int, int], tune: TuneSpec, seed: int):
+    """The float32 (out, in) update of one linear weight, seeded from its name."""
+    import torch
+
+    gen = _generator(name, seed + 2)
+    rows, cols = shape
+    rank = int(torch.randint(tune.min_rank, tune.max_rank + 1, (1,), generator=gen))
+    lo, hi = tune.decay
+    decay = lo + (hi - lo) * float(torch.rand(1, generator=gen))
+    u = torch.linalg.qr(torch.randn(rows, rank, generator=gen))[0]
+    v = torch.linalg.qr(torch.randn(cols, rank, generator=gen))[0]
+    s = decay ** torch.arange(rank, dtype=torch.float64)
+    energy = tune.delta_rms**2 * rows * cols  # the whole update's squared norm
+    s = (s * ((1 - tune.noise_share) * energy / float(s.square().sum())) ** 0.5).float()
+    delta = torch.randn(rows, cols, generator=gen).mul_(tune.delta_rms * tune.noise_share**0.5)
+    return delta.addmm_(u * s, v.t())
+
+
+def write_tuned(spec: ModelSpec, base_dir: Path, out_dir: Path, tune: TuneSpec, seed: int) -> None:
+    """Write the tuned checkpoint shard by shard: the base's files, names and index."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    linear = set(linear_weight_names(spec))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for src in sorted(base_dir.iterdir()):
+        if not src.is_file():
+            continue
+        if src.suffix != ".safetensors":
+            shutil.copyfile(src, out_dir / src.name)
+            continue
+        tensors = {}
+        with safe_open(str(src), framework="pt") as f:
+            metadata = f.metadata()
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if name in linear:
+                    t = (t.float() + planted_update(name, tuple(t.shape), tune, seed)).to(t.dtype)
+                elif name == tune.norm_tensor:
+                    gen = _generator(name, seed + 2)
+                    noise = torch.randn(t.shape, generator=gen) * tune.norm_rms
+                    t = (t.float() + noise).to(t.dtype)
+                tensors[name] = t
+        save_file(tensors, str(out_dir / src.name), metadata=metadata)
+        del tensors
+
+
+def _base_identity(marker: Path) -> dict | None:
+    """What the base's data depends on, from its marker (not the adapter's dtype)."""
+    try:
+        data = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return {k: v for k, v in data.items() if k != "adapter_dtype"}
+
+
+def ensure_tuned(
+    spec: ModelSpec, workdir: Path, base_dir: Path, tune: TuneSpec, seed: int = 0
+) -> tuple[Path, float | None]:
+    """Return (tuned_dir, seconds spent generating or None if cached).
+
+    The tuned checkpoint sits beside the base (``WORKDIR/SIZE/tuned``); its
+    ``.tuned-complete`` marker records the base's marker and the parameters, so
+    a regenerated base or changed parameters regenerate it.
+    """
+    root = workdir / spec.name
+    tuned_dir, marker = root / "tuned", root / ".tuned-complete"
+    base_marker = root / ".complete"
+    wanted = {
+        "base": _base_identity(base_marker),
+        "tune": asdict(tune),
+        "seed": seed,
+        "format": 1,
+    }
+    wanted = json.loads(json.dumps(wanted))  # tuples -> lists, as read back
+    if marker.exists():
+        try:
+            if json.loads(marker.read_text()) == wanted:
+                return tuned_dir, None
+        except ValueError:
+            pass
+    shutil.rmtree(tuned_dir, ignore_errors=True)
+    marker.unlink(missing_ok=True)
+    start = time.perf_counter()
+    write_tuned(spec, base_dir, tuned_dir, tune, seed)
+    os.sync()
+    elapsed = time.perf_counter() - start
+    _write_json(marker, wanted)
+    return tuned_dir, elapsed

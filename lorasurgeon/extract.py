@@ -23,7 +23,7 @@ from typing import Any
 from .adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, KEY_PREFIX
 from .errors import IncompatibleError, OptionError
 from .locations import Location, Role, resolve
-from .pipeline import prefetch
+from .pipeline import BufferPool, prefetch
 from .reader import (
     FLOAT_DTYPES,
     Checkpoint,
@@ -282,12 +282,13 @@ class _Result:
     svd: Any  # ops.TruncatedSVD, on the CPU
 
 
-def _delta_matrix(m: ExtractModule, base: Any, tuned: Any, device: Any) -> Any:
-    """tuned - base in float32 as the (out, in) matrix that B @ A approximates."""
-    import torch
-
-    # moved in the stored dtype (half the bytes for bf16), upcast on the device
-    delta = tuned.to(device).to(torch.float32) - base.to(device).to(torch.float32)
+def _delta_matrix(m: ExtractModule, base: Any, tuned: Any, work: Any) -> Any:
+    """tuned - base in float32, in the reused ``work`` buffer (on the compute device), as the
+    (out, in) matrix that B @ A approximates."""
+    # moved in the stored dtype (half the bytes for bf16), upcast on the device, in place
+    delta = work[: m.base.numel].view(m.base.shape)
+    delta.copy_(tuned.to(work.device))
+    delta.sub_(base.to(work.device))
     if m.layout in ("conv1d", "embedding"):
         return delta.t()  # stored (in, out) / (vocab, dim); PEFT's delta is (B @ A)ᵀ
     return delta.reshape(delta.shape[0], -1)
@@ -312,24 +313,42 @@ def _decompose(
     stop = threading.Event()
     generator = torch.Generator(device=device).manual_seed(options.seed)
     method = ops.SvdMethod(options.svd)
+    largest = max(max(m.base.nbytes, m.tuned.nbytes) for m in plan.modules)
+    buffers = BufferPool(largest, 2 * 3)  # prefetch depth 2: three pairs at most
+    work = torch.empty(max(m.base.numel for m in plan.modules), device=device)
     with TensorFiles() as files:
 
         def load(m: ExtractModule) -> tuple[bytearray, bytearray]:
-            return files.read(m.base), files.read(m.tuned)
+            pair = buffers.acquire(stop), buffers.acquire(stop)
+            files.read_into(m.base, memoryview(pair[0])[: m.base.nbytes])
+            files.read_into(m.tuned, memoryview(pair[1])[: m.tuned.nbytes])
+            return pair
 
         for m, (b, t) in prefetch(plan.modules, load, depth=2, stop=stop):
             done += m.base.nbytes + m.tuned.nbytes
-            if b == t and m.base.dtype == m.tuned.dtype:
-                skipped += 1  # equal in both checkpoints: nothing to extract
-            else:
-                delta = _delta_matrix(m, as_tensor(m.base, b), as_tensor(m.tuned, t), device)
-                rank = min(options.compute_rank, *delta.shape)
-                svd = ops.truncated_svd(delta, rank, method=method, generator=generator)
-                results.append(_Result(m, _to_cpu(svd)))
-                del delta
+            try:
+                if _same_bytes(m, b, t):
+                    skipped += 1  # equal in both checkpoints: nothing to extract
+                else:
+                    tensors = as_tensor(m.base, b), as_tensor(m.tuned, t)
+                    delta = _delta_matrix(m, *tensors, work)
+                    del tensors
+                    rank = min(options.compute_rank, *delta.shape)
+                    svd = ops.truncated_svd(delta, rank, method=method, generator=generator)
+                    results.append(_Result(m, _to_cpu(svd)))
+            finally:
+                buffers.release(b)
+                buffers.release(t)
             if progress is not None:
                 progress(done, total)
     return results, skipped
+
+
+def _same_bytes(m: ExtractModule, b: bytearray, t: bytearray) -> bool:
+    if m.base.dtype != m.tuned.dtype:
+        return False
+    with memoryview(b) as left, memoryview(t) as right:
+        return left[: m.base.nbytes] == right[: m.tuned.nbytes]
 
 
 def _stored_rel_error(svd: Any, rank: int, a: Any, b: Any, scaling: float) -> float:
