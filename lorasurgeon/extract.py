@@ -78,10 +78,7 @@ class ExtractModule:
         shape = self.base.shape
         if self.layout in ("conv1d", "embedding"):
             return shape[1], shape[0]
-        rest = 1
-        for d in shape[1:]:
-            rest *= d
-        return shape[0], rest
+        return shape[0], math.prod(shape[1:])
 
 
 @dataclass(frozen=True)
@@ -432,7 +429,7 @@ def _keys(m: ExtractModule) -> tuple[str, str]:
 
 def _not_in_adapter(
     plan: ExtractPlan, files: TensorFiles, module_energy: float
-) -> tuple[list[dict[str, Any]], float]:
+) -> list[dict[str, Any]]:
     """Tensors that differ between the checkpoints but are not in the adapter, with their share
     of the whole update's squared norm."""
     import torch
@@ -452,7 +449,7 @@ def _not_in_adapter(
         {"tensor": name, "share": (e / total if total else 0.0)}
         for name, e in sorted(changed, key=lambda x: -x[1])
     ]
-    return rows, total
+    return rows
 
 
 def _write_adapter(
@@ -559,7 +556,7 @@ def extract(
     config = _config(plan, names, ranks, alphas, options.rank, default_alpha, saved_names)
     with TensorFiles() as files:
         energy_total = sum(r.svd.total_energy for r in results)
-        others, _ = _not_in_adapter(plan, files, energy_total)
+        others = _not_in_adapter(plan, files, energy_total)
         _write_adapter(out_path, plan, tensors, config, files, overwrite)
     total_params = sum(int(t.numel()) for _, t in tensors)
     notes = [f"{row['tensor']} differs ({row['share']:.2%} of the update) but is not in the "
