@@ -361,7 +361,7 @@ def truncated_svd(
     *,
     method: SvdMethod = SvdMethod.RANDOMIZED,
     oversample: int = 10,
-    iterations: int = 4,
+    iterations: int = 3,
     generator: torch.Generator | None = None,
 ) -> TruncatedSVD:
     """The leading ``rank`` singular triplets of ``delta`` (m, n), exactly or randomized.
