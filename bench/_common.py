@@ -618,3 +618,10 @@ def ensure_tuned(
     elapsed = time.perf_counter() - start
     _write_json(marker, wanted)
     return tuned_dir, elapsed
+
+
+def target_line(label: str, value: float | None, text: str, target: str, ok) -> str:
+    """One headline line of a benchmark; ``ok(value)`` decides "met" / "NOT met"."""
+    if value is None:
+        return f"  {label:34} n/a ({target})"
+    return f"  {label:34} {text} ({target})  {'met' if ok(value) else 'NOT met'}"

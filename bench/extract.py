@@ -99,6 +99,7 @@ from _common import (  # noqa: E402
     remove_output,
     subprocess_env,
     summarize,
+    target_line,
     timed_run,
     warm,
 )
@@ -642,16 +643,10 @@ def headline(summary: dict, errors: dict, flat: list[dict]) -> dict:
     }
 
 
-def _line(label: str, value, text: str, target: str, ok) -> str:
-    if value is None:
-        return f"  {label:32} n/a ({target})"
-    return f"  {label:32} {text} ({target})  {'met' if ok(value) else 'NOT met'}"
-
-
 def print_headline(h: dict) -> None:
     v = h["speedup"]
     print(
-        _line(
+        target_line(
             "mergekit / lorasurgeon (wall):",
             v,
             f"{v or 0:.1f}x",
@@ -661,7 +656,7 @@ def print_headline(h: dict) -> None:
     )
     v = h["ours_wall_s"]
     print(
-        _line(
+        target_line(
             "lorasurgeon wall (cold):",
             v,
             f"{v or 0:.1f} s",
@@ -672,7 +667,7 @@ def print_headline(h: dict) -> None:
     v = h["ours_worst_excess"]
     median = h["ours_median_excess"]
     print(
-        _line(
+        target_line(
             "error vs optimum (worst module):",
             v,
             f"within {v or 0:.3%} of optimum (median {median or 0:.4%})",
@@ -682,7 +677,7 @@ def print_headline(h: dict) -> None:
     )
     v = h["ours_rss_mb"]
     print(
-        _line(
+        target_line(
             "lorasurgeon peak RSS:",
             v,
             f"{v or 0:.0f} MB",

@@ -82,6 +82,7 @@ from _common import (  # noqa: E402
     remove_output,
     subprocess_env,
     summarize,
+    target_line,
     timed_run,
     warm,
 )
@@ -540,17 +541,10 @@ def headline(summary: dict) -> dict:
     }
 
 
-def _headline_line(label: str, value: float | None, text: str, target: str, ok) -> str:
-    """One headline line; ``ok`` decides "met" / "NOT met" when there is a value."""
-    if value is None:
-        return f"  {label:34} n/a ({target})"
-    return f"  {label:34} {text} ({target})  {'met' if ok(value) else 'NOT met'}"
-
-
 def print_headline(h: dict) -> None:
     v = h["ours_vs_cp"]
     print(
-        _headline_line(
+        target_line(
             "lorasurgeon / cp (wall, cold):",
             v,
             f"{v or 0:.2f}x",
@@ -560,7 +554,7 @@ def print_headline(h: dict) -> None:
     )
     v = h["peft_vs_ours"]
     print(
-        _headline_line(
+        target_line(
             "PEFT / lorasurgeon (wall, cold):",
             v,
             f"{v or 0:.2f}x",
@@ -572,7 +566,7 @@ def print_headline(h: dict) -> None:
     print(f"  {'PEFT / lorasurgeon (peak RSS):':34} " + ("n/a" if v is None else f"{v:.2f}x"))
     v = h["ours_rss_mb"]
     print(
-        _headline_line(
+        target_line(
             "lorasurgeon peak RSS (cold):",
             v,
             f"{v or 0:.0f} MB",

@@ -65,6 +65,19 @@ def _common(f: F) -> F:
     return f
 
 
+def _compute_options(f: F) -> F:
+    """--overwrite, --device, --quiet and --debug: shared by the commands that write."""
+    f = _common(f)
+    f = click.option(
+        "--device", type=DeviceParam(), default="auto", show_default=True,
+        help="Where to compute: the first GPU when there is one, else the CPU.",
+    )(f)  # fmt: skip
+    f = click.option(
+        "--overwrite", is_flag=True, help="Replace OUT if it exists (only once done)."
+    )(f)
+    return f
+
+
 class _Bar:
     """A tqdm bar by bytes on stderr, created on the first progress report."""
 
@@ -141,16 +154,8 @@ def cli() -> None:
     default=None,
     help="Re-shard the output, e.g. 5GB [default: keep the base's shards].",
 )
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once done).")
 @click.option("--dry-run", is_flag=True, help="Print which tensors would change; write nothing.")
-@click.option(
-    "--device",
-    type=DeviceParam(),
-    default="auto",
-    show_default=True,
-    help="Where to compute: the first GPU when there is one, else the CPU.",
-)
-@_common
+@_compute_options
 def merge(
     base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], unmerge: bool,
     dtype: str, max_shard_size: int | None, overwrite: bool, dry_run: bool, device: str,
@@ -323,15 +328,7 @@ def _split(text: str | None) -> list[str] | None:
     metavar="FILE.json",
     help="Write the per-module figures as JSON.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once done).")
-@click.option(
-    "--device",
-    type=DeviceParam(),
-    default="auto",
-    show_default=True,
-    help="Where to compute: the first GPU when there is one, else the CPU.",
-)
-@_common
+@_compute_options
 def extract(
     base: str, tuned: str, out: str, rank: int, alpha: float | None, target_modules: str,
     exclude_modules: str | None, layers_to_transform: str | None, layers_pattern: str | None,
