@@ -2,10 +2,14 @@
 
 The public API: ``merge`` and ``plan_merge`` fold PEFT LoRA adapters into a base checkpoint
 exactly as PEFT's ``merge_and_unload()`` does; ``extract`` pulls a LoRA adapter out of a
-fine-tune by truncated SVD; ``summarize`` describes a checkpoint or adapter;
-``open_checkpoint`` reads a checkpoint by header. Importing this package does not import torch.
+fine-tune by truncated SVD; ``combine`` mixes adapters as PEFT's ``add_weighted_adapter`` does
+and ``resize`` changes their ranks, both from the adapter files alone; ``summarize`` describes
+a checkpoint or adapter; ``open_checkpoint`` reads a checkpoint by header. Importing this
+package does not import torch.
 """
 
+from .adapters import ModuleReport
+from .combine import CombineMethod, CombinePlan, CombineReport, combine, plan_combine
 from .errors import (
     AdapterError,
     CheckpointError,
@@ -15,9 +19,10 @@ from .errors import (
     OptionError,
     OutputError,
 )
-from .extract import ExtractPlan, ExtractReport, ModuleReport, extract, plan_extraction
+from .extract import ExtractPlan, ExtractReport, extract, plan_extraction
 from .merge import MergePlan, MergeReport, merge, plan_merge
 from .reader import Checkpoint, TensorInfo, open_checkpoint
+from .resize import ResizeReport, resize
 from .summary import Summary, summarize
 from .writer import DType, parse_size
 
@@ -27,6 +32,9 @@ __all__ = [
     "AdapterError",
     "Checkpoint",
     "CheckpointError",
+    "CombineMethod",
+    "CombinePlan",
+    "CombineReport",
     "DType",
     "ExtractPlan",
     "ExtractReport",
@@ -38,14 +46,18 @@ __all__ = [
     "MergeReport",
     "OptionError",
     "OutputError",
+    "ResizeReport",
     "Summary",
     "TensorInfo",
     "__version__",
+    "combine",
     "extract",
     "merge",
     "open_checkpoint",
     "parse_size",
+    "plan_combine",
     "plan_extraction",
     "plan_merge",
+    "resize",
     "summarize",
 ]

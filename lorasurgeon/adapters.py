@@ -7,17 +7,24 @@ with rslora) with rank_pattern/alpha_pattern overrides. Reads headers only; no t
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
-from collections.abc import Mapping
+import re
+import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import AdapterError, LocationError
-from .reader import Checkpoint, TensorInfo, open_checkpoint
+from .reader import Checkpoint, TensorFiles, TensorInfo, open_checkpoint
 from .targets import TargetRules, pattern_value
+from .writer import CheckpointWriter, OutputLayout, OutputShard, OutputTensor
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -25,8 +32,13 @@ __all__ = [
     "KEY_PREFIX",
     "Adapter",
     "AdapterConfig",
+    "AdapterWriter",
     "LoraModule",
+    "ModuleReport",
+    "error_summary",
+    "lora_keys",
     "open_adapter",
+    "rank_config",
 ]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -286,11 +298,15 @@ def _lora_module(config: AdapterConfig, module: str, t: dict[str, TensorInfo]) -
     )  # fmt: skip
 
 
-def open_adapter(path: str | os.PathLike[str], *, model_type: str | None = None) -> Adapter:
+def open_adapter(
+    path: str | os.PathLike[str], *, model_type: str | None = None, file_targets: bool = False
+) -> Adapter:
     """Open a PEFT LoRA adapter directory by header only.
 
-    ``model_type`` (the base's) resolves a null target_modules to PEFT's default. LoRA modules
-    the config does not select are listed in ``ignored``, as PEFT ignores them.
+    ``model_type`` (the base's) resolves a null target_modules to PEFT's default; without it,
+    ``file_targets`` selects every LoRA module in the file (PEFT wrote them with its default,
+    so they are the selected ones), else a null target_modules is an error. LoRA modules the
+    config does not select are listed in ``ignored``, as PEFT ignores them.
 
     Raises:
         LocationError: no adapter at ``path``.
@@ -315,16 +331,19 @@ def open_adapter(path: str | os.PathLike[str], *, model_type: str | None = None)
     config = AdapterConfig.read(config_path, model_type=model_type)
     checkpoint = open_checkpoint(weights)
     try:
-        return _build(root, config, checkpoint)
+        return _build(root, config, checkpoint, file_targets)
     except BaseException:
         checkpoint.close()
         raise
 
 
-def _build(root: Path, config: AdapterConfig, checkpoint: Checkpoint) -> Adapter:
+def _build(
+    root: Path, config: AdapterConfig, checkpoint: Checkpoint, file_targets: bool
+) -> Adapter:
     lora, plain = _collect(checkpoint.path, checkpoint)
     adapter = Adapter(root, config, checkpoint)
-    if lora and not config.rules.resolvable:
+    resolvable = config.rules.resolvable
+    if lora and not resolvable and not file_targets:
         raise AdapterError(
             "target_modules is null and the base's model type has no PEFT default",
             path=config.path,
@@ -333,7 +352,7 @@ def _build(root: Path, config: AdapterConfig, checkpoint: Checkpoint) -> Adapter
     for module, parts in lora.items():
         lm = _lora_module(config, module, parts)
         linear = not lm.embedding and len(lm.lora_a.shape) == 2
-        if config.rules.selects(module, linear=linear):
+        if not resolvable or config.rules.selects(module, linear=linear):
             adapter.modules[module] = lm
         else:
             adapter.ignored.append(module)
@@ -357,3 +376,86 @@ def _build(root: Path, config: AdapterConfig, checkpoint: Checkpoint) -> Adapter
         adapter.replacements[base_name] = info
     adapter.embedding_copies = frozenset(copies)
     return adapter
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing adapters: extract, combine and resize all end here.
+
+
+def lora_keys(module: str, *, embedding: bool) -> tuple[str, str]:
+    """The lora_A and lora_B tensor names PEFT gives ``module`` (embeddings: lora_embedding_A/B,
+    which have no ``.weight``)."""
+    prefix = KEY_PREFIX + module
+    if embedding:
+        return prefix + ".lora_embedding_A", prefix + ".lora_embedding_B"
+    return prefix + ".lora_A.weight", prefix + ".lora_B.weight"
+
+
+def rank_config(ranks: Mapping[str, int], alphas: Mapping[str, float]) -> dict[str, Any]:
+    """``r``, ``lora_alpha``, ``rank_pattern`` and ``alpha_pattern`` for per-module ranks and
+    alphas: the most common (rank, alpha) pair is the default (ties: the larger), the other
+    modules are listed by their escaped full names, which cannot overlap."""
+    pairs = collections.Counter((ranks[m], alphas[m]) for m in ranks)
+    rank, alpha = max(pairs, key=lambda pair: (pairs[pair], pair)) if pairs else (8, 8.0)
+    return {
+        "r": rank,
+        "lora_alpha": alpha,
+        "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
+        "alpha_pattern": {re.escape(m): alphas[m] for m in ranks if alphas[m] != alpha},
+    }
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    """One module of a written adapter, as in a report's ``modules`` list: ``rel_error`` is
+    ||delta - scaling·B@A||_F / ||delta||_F against the delta it approximates and
+    ``energy_kept`` = 1 - rel_error²."""
+
+    module: str
+    shape: list[int]
+    rank: int
+    alpha: float
+    rel_error: float
+    energy_kept: float
+
+
+def error_summary(modules: Sequence[ModuleReport]) -> dict[str, float]:
+    """``worst_rel_error`` and ``median_rel_error`` over the modules (0 without modules)."""
+    errors = [m.rel_error for m in modules]
+    return {
+        "worst_rel_error": max(errors, default=0.0),
+        "median_rel_error": statistics.median(errors) if errors else 0.0,
+    }
+
+
+class AdapterWriter:
+    """An adapter directory written atomically: the tensors planned up front (in the order they
+    will come), then ``adapter_config.json`` at ``commit``. Nothing is at ``out`` before that;
+    on an exception the temporary directory is removed."""
+
+    def __init__(self, out: Path, planned: Sequence[OutputTensor], *, overwrite: bool) -> None:
+        shard = OutputShard(ADAPTER_WEIGHTS_NAME, {"format": "pt"}, tuple(planned))
+        self._writer = CheckpointWriter(out, OutputLayout((shard,)), overwrite=overwrite)
+
+    def __enter__(self) -> AdapterWriter:
+        self._writer.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._writer.__exit__(*exc)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Store a CPU tensor under ``name`` (its planned dtype and shape)."""
+        import torch
+
+        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        self._writer.write(name, raw.numpy().data)
+
+    def copy(self, name: str, info: TensorInfo, files: TensorFiles) -> None:
+        """Store the bytes of an input tensor unchanged under ``name``."""
+        self._writer.copy(name, files.fd(info.path), info.offset, info.nbytes)
+
+    def commit(self, config: Mapping[str, Any]) -> None:
+        text = json.dumps(dict(config), indent=2, sort_keys=True) + "\n"
+        self._writer.add_text(ADAPTER_CONFIG_NAME, text)
+        self._writer.commit()

@@ -78,12 +78,65 @@ def _compute_options(f: F) -> F:
     return f
 
 
-class _Bar:
-    """A tqdm bar by bytes on stderr, created on the first progress report."""
+def _rank_selection_options(max_default: str) -> Callable[[F], F]:
+    """--rank-method, --energy, --param-budget, --min-rank, --max-rank and --report (listed in
+    this order): shared by extract and resize."""
 
-    def __init__(self, quiet: bool, desc: str) -> None:
+    def decorate(f: F) -> F:
+        f = click.option(
+            "--report",
+            "report_path",
+            default=None,
+            metavar="FILE.json",
+            help="Write the per-module figures as JSON.",
+        )(f)
+        f = click.option(
+            "--max-rank",
+            type=click.IntRange(min=1),
+            default=None,
+            help=f"Largest rank of any module [default: {max_default}].",
+        )(f)
+        f = click.option(
+            "--min-rank",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Smallest rank of any module.",
+        )(f)
+        f = click.option(
+            "--param-budget",
+            type=click.IntRange(min=1),
+            default=None,
+            metavar="N",
+            help="Total LoRA parameters over the whole model (budget).",
+        )(f)
+        f = click.option(
+            "--energy",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=None,
+            metavar="F",
+            help="Fraction of each update's squared norm to keep (energy).",
+        )(f)
+        f = click.option(
+            "--rank-method",
+            type=click.Choice(["fixed", "energy", "budget"]),
+            default="fixed",
+            show_default=True,
+            help="fixed rank; energy: smallest rank keeping --energy of each update; "
+            "budget: --param-budget parameters spent where they remove the most error.",
+        )(f)
+        return f
+
+    return decorate
+
+
+class _Bar:
+    """A tqdm bar on stderr (by bytes, or by ``unit``), created on the first progress report."""
+
+    def __init__(self, quiet: bool, desc: str, unit: str = "B") -> None:
         self.disabled = quiet or not sys.stderr.isatty()
         self.desc = desc
+        self.unit = unit
         self.bar: Any = None
 
     def __call__(self, done: int, total: int) -> None:
@@ -93,7 +146,8 @@ class _Bar:
             from tqdm import tqdm
 
             self.bar = tqdm(
-                total=total, unit="B", unit_scale=True, desc=self.desc, file=sys.stderr,
+                total=total, unit=self.unit, unit_scale=self.unit == "B", desc=self.desc,
+                file=sys.stderr,
                 dynamic_ncols=True,
             )  # fmt: skip
         self.bar.update(done - self.bar.n)
@@ -109,7 +163,8 @@ def cli() -> None:
     """Operate on checkpoints without loading a model.
 
     Fold PEFT LoRA adapters into safetensors checkpoints (`merge`), pull a LoRA out of a
-    fine-tune (`extract`) and see what a checkpoint or adapter holds (`inspect`). Every
+    fine-tune (`extract`), mix adapters (`combine`), change their ranks (`resize`) and see
+    what a checkpoint or adapter holds (`inspect`). Every
     LOCATION is a checkpoint directory, a .safetensors file, a PEFT adapter directory, or a
     Hub repo id owner/name[@revision].
 
@@ -266,41 +321,7 @@ def _split(text: str | None) -> list[str] | None:
     metavar="NAME",
     help="Name of the layer list, e.g. layers or h (with --layers-to-transform).",
 )
-@click.option(
-    "--rank-method",
-    type=click.Choice(["fixed", "energy", "budget"]),
-    default="fixed",
-    show_default=True,
-    help="fixed rank; energy: smallest rank keeping --energy of each update; "
-    "budget: --param-budget parameters spent where they remove the most error.",
-)
-@click.option(
-    "--energy",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=None,
-    metavar="F",
-    help="Fraction of each update's squared norm to keep (energy).",
-)
-@click.option(
-    "--param-budget",
-    type=click.IntRange(min=1),
-    default=None,
-    metavar="N",
-    help="Total LoRA parameters over the whole model (budget).",
-)
-@click.option(
-    "--min-rank",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Smallest rank of any module.",
-)
-@click.option(
-    "--max-rank",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Largest rank of any module [default: 128 for energy and budget].",
-)
+@_rank_selection_options("128 for energy and budget")
 @click.option(
     "--svd",
     type=click.Choice(["randomized", "exact"]),
@@ -320,13 +341,6 @@ def _split(text: str | None) -> list[str] | None:
     default="auto",
     show_default=True,
     help="dtype of the stored factors; auto: the base weight's.",
-)
-@click.option(
-    "--report",
-    "report_path",
-    default=None,
-    metavar="FILE.json",
-    help="Write the per-module figures as JSON.",
 )
 @_compute_options
 def extract(
@@ -370,10 +384,7 @@ def extract(
     finally:
         bar.close()
     data = report.to_dict()
-    if report_path:
-        with open(report_path, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+    _write_report(report_path, data)
     for line in _extract_summary(report, data):
         click.echo(line, err=True)
 
@@ -381,9 +392,8 @@ def extract(
 def _extract_summary(report: api.ExtractReport, data: dict[str, Any]) -> list[str]:
     ranks = [m.rank for m in report.modules]
     kept = min((m.energy_kept for m in report.modules), default=1.0)
-    spread = f"rank {ranks[0]}" if min(ranks) == max(ranks) else f"ranks {min(ranks)}-{max(ranks)}"
     lines = [
-        f"wrote {report.out}: {len(report.modules)} modules, {spread} (total {sum(ranks)}), "
+        f"wrote {report.out}: {len(report.modules)} modules, {_ranks(ranks)} (total {sum(ranks)}), "
         f"{_count(report.total_params)} parameters, {report.seconds:.1f} s",
         f"relative error: worst {data['worst_rel_error']:.4f}, median "
         f"{data['median_rel_error']:.4f}; energy kept: worst {kept:.4f}",
@@ -400,6 +410,217 @@ def _extract_summary(report: api.ExtractReport, data: dict[str, Any]) -> list[st
             f"{report.not_in_adapter[0]['tensor']}"
         )
     return lines
+
+
+def _write_report(path: str | None, data: dict[str, Any]) -> None:
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    low, high = min(ranks, default=0), max(ranks, default=0)
+    return f"rank {low}" if low == high else f"ranks {low}-{high}"
+
+
+@cli.command()
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    metavar="OUT",
+    help="The PEFT adapter directory to write.",
+)
+@click.option(
+    "--weight",
+    "weights",
+    multiple=True,
+    type=float,
+    metavar="W",
+    help="Weight of each adapter, once per adapter, in order [default: 1.0].",
+)
+@click.option(
+    "--method",
+    type=click.Choice([m.value for m in api.CombineMethod]),
+    default="linear",
+    show_default=True,
+    help="PEFT's combination type. linear merges A and B separately (cross terms); cat is "
+    "the exact weighted sum; ties, dare_linear, dare_ties and magnitude_prune prune first.",
+)
+@click.option(
+    "--svd",
+    is_flag=True,
+    help="The method's _svd variant: a truncated SVD of the combined update (linear --svd "
+    "is PEFT's svd, the best rank-R approximation of the exact weighted sum).",
+)
+@click.option(
+    "--rank",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Rank of the --svd result [default: the largest input rank].",
+)
+@click.option(
+    "--clamp",
+    type=click.FloatRange(0, 1),
+    default=None,
+    metavar="Q",
+    help="Clamp the --svd factors to their Q quantile (PEFT's svd_clamp).",
+)
+@click.option(
+    "--density",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=None,
+    metavar="D",
+    help="Fraction of values kept by ties, dare_* and magnitude_prune (required there).",
+)
+@click.option(
+    "--majority-sign",
+    type=click.Choice(["total", "frequency"]),
+    default="total",
+    show_default=True,
+    help="How ties and dare_ties elect each value's sign.",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the DARE random masks."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice([d.value for d in api.DType]),
+    default="auto",
+    show_default=True,
+    help="dtype of the stored factors; auto: the first adapter's.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    default=None,
+    metavar="FILE.json",
+    help="Write the per-module figures as JSON.",
+)
+@_compute_options
+def combine(
+    adapters: tuple[str, ...], out: str, weights: tuple[float, ...], method: str, svd: bool,
+    rank: int | None, clamp: float | None, density: float | None, majority_sign: str,
+    seed: int, dtype: str, report_path: str | None, overwrite: bool, device: str,
+    quiet: bool, debug: bool,
+) -> None:  # fmt: skip
+    """Combine ADAPTERs into one, as PEFT's add_weighted_adapter does, without a model.
+
+    The result matches add_weighted_adapter(ADAPTERs, weights, METHOD) (with --svd, METHOD's
+    _svd variant); adapters with different targets combine over the union of their modules.
+    A weighted sum is decomposed from its factors, never as a full matrix. Where PEFT is
+    wrong, lorasurgeon differs: each module keeps its true rank (rank_pattern), rslora
+    inputs give scaling 1 (PEFT: sqrt(rank) too large), tensors an adapter stores whole are
+    kept (PEFT: the base's); DoRA adapters are refused. DARE masks come from --seed.
+
+    \b
+    Examples:
+      lorasurgeon combine style/ subject/ --weight 0.7 --weight 0.4 --method cat -o mixed
+      lorasurgeon combine a/ b/ c/ --svd --rank 16 -o abc
+      lorasurgeon combine a/ b/ --method ties --density 0.5 --svd -o ab-ties
+    """
+    if weights and len(weights) != len(adapters):
+        raise click.UsageError(
+            f"--weight was given {len(weights)} times for {len(adapters)} adapters; "
+            "give it once per adapter, in order"
+        )
+    bar = _Bar(quiet, "combine", unit="module")
+    try:
+        report = api.combine(
+            adapters, out, weights=list(weights) or None, method=method, svd=svd, rank=rank,
+            clamp=clamp, density=density, majority_sign=majority_sign, seed=seed, dtype=dtype,
+            device=device, overwrite=overwrite, progress=bar,
+        )  # fmt: skip
+    finally:
+        bar.close()
+    data = report.to_dict()
+    _write_report(report_path, data)
+    shared = sum(1 for m in report.modules if m.adapters > 1)
+    click.echo(
+        f"wrote {report.out}: {report.method} of {len(adapters)} adapters, "
+        f"{len(report.modules)} modules ({shared} shared), "
+        f"{_ranks([m.rank for m in report.modules])}, {_count(report.total_params)} "
+        f"parameters, {report.seconds:.1f} s",
+        err=True,
+    )
+    click.echo(
+        f"distance from the exact weighted sum: worst {data['worst_rel_error']:.4f}, "
+        f"median {data['median_rel_error']:.4f}",
+        err=True,
+    )
+
+
+@cli.command()
+@click.argument("adapter")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    metavar="OUT",
+    help="The PEFT adapter directory to write.",
+)
+@click.option(
+    "--rank",
+    type=click.IntRange(min=1),
+    default=None,
+    help="New rank of every module (fixed); modules already at or below it stay lossless.",
+)
+@_rank_selection_options("the input rank")
+@click.option(
+    "--dtype",
+    type=click.Choice([d.value for d in api.DType]),
+    default="auto",
+    show_default=True,
+    help="dtype of the stored factors; auto: the input's.",
+)
+@_compute_options
+def resize(
+    adapter: str, out: str, rank: int | None, rank_method: str, energy: float | None,
+    param_budget: int | None, min_rank: int, max_rank: int | None, report_path: str | None,
+    dtype: str, overwrite: bool, device: str, quiet: bool, debug: bool,
+) -> None:  # fmt: skip
+    """Change the ranks of ADAPTER's modules, each the best approximation at its rank.
+
+    Each module's update scaling * B @ A is decomposed exactly from its factors (never as a
+    full matrix) and truncated: --rank R everywhere, or ranks chosen as extract chooses them
+    (energy, budget). A rank at or above a module's own is lossless. Scalings (alpha per
+    rank, rslora) and whole tensors are kept. A summary of the errors ends the run.
+
+    \b
+    Examples:
+      lorasurgeon resize my-lora/ -o my-lora-r8 --rank 8
+      lorasurgeon resize my-lora/ -o smaller --rank-method energy --energy 0.95
+      lorasurgeon resize my-lora/ -o smaller --rank-method budget --param-budget 5000000
+    """
+    if rank is None and rank_method == "fixed":
+        raise click.UsageError("give --rank R, or --rank-method energy/budget")
+    bar = _Bar(quiet, "resize", unit="step")
+    try:
+        report = api.resize(
+            adapter, out, rank=rank, rank_method=rank_method, energy=energy,
+            param_budget=param_budget, min_rank=min_rank, max_rank=max_rank, dtype=dtype,
+            device=device, overwrite=overwrite, progress=bar,
+        )  # fmt: skip
+    finally:
+        bar.close()
+    data = report.to_dict()
+    _write_report(report_path, data)
+    kept = min((m.energy_kept for m in report.modules), default=1.0)
+    click.echo(
+        f"wrote {report.out}: {len(report.modules)} modules, "
+        f"{_ranks([m.rank for m in report.modules])}, {_count(report.total_params)} parameters "
+        f"(was {_count(report.input_params)}), {report.seconds:.1f} s",
+        err=True,
+    )
+    click.echo(
+        f"relative error: worst {data['worst_rel_error']:.4f}, median "
+        f"{data['median_rel_error']:.4f}; energy kept: worst {kept:.4f}",
+        err=True,
+    )
 
 
 @cli.command(name="inspect")

@@ -7,12 +7,10 @@ stream from both checkpoints, read ahead on a thread while the device computes.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
-import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, KEY_PREFIX
+from .adapters import (
+    KEY_PREFIX,
+    AdapterWriter,
+    ModuleReport,
+    error_summary,
+    lora_keys,
+)
 from .errors import IncompatibleError, OptionError
 from .locations import Location, Role, resolve
 from .pipeline import BufferPool, prefetch
@@ -39,10 +43,7 @@ from .targets import (
     is_conv1d_module,
 )
 from .writer import (
-    CheckpointWriter,
     DType,
-    OutputLayout,
-    OutputShard,
     OutputTensor,
     check_output_path,
 )
@@ -95,18 +96,6 @@ class ExtractPlan:
 
 
 @dataclass(frozen=True)
-class ModuleReport:
-    """One module of the extracted adapter, as in the report's ``modules`` list."""
-
-    module: str
-    shape: list[int]
-    rank: int
-    alpha: float
-    rel_error: float
-    energy_kept: float
-
-
-@dataclass(frozen=True)
 class ExtractReport:
     """The extraction's figures; ``to_dict()`` is the ``--report`` JSON."""
 
@@ -124,9 +113,7 @@ class ExtractReport:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["out"] = str(self.out)
-        errors = [m.rel_error for m in self.modules]
-        data["worst_rel_error"] = max(errors, default=0.0)
-        data["median_rel_error"] = statistics.median(errors) if errors else 0.0
+        data.update(error_summary(self.modules))
         return data
 
 
@@ -255,17 +242,11 @@ def _options(
     rank: int, alpha: float | None, rank_method: str, energy: float | None,
     param_budget: int | None, min_rank: int, max_rank: int | None, svd: str, dtype: str,
 ) -> _Options:  # fmt: skip
-    methods, svds = ("fixed", "energy", "budget"), ("exact", "randomized")
-    if rank_method not in methods:
-        raise OptionError(f"rank method must be one of {', '.join(methods)}, not {rank_method!r}")
-    if svd not in svds:
+    from .lowrank import check_rank_selection
+
+    check_rank_selection(rank_method, rank, energy, param_budget, min_rank, max_rank)
+    if svd not in ("exact", "randomized"):
         raise OptionError(f"svd must be exact or randomized, not {svd!r}")
-    if rank < 1 or min_rank < 1 or (max_rank is not None and max_rank < min_rank):
-        raise OptionError("ranks must be >= 1 and --min-rank <= --max-rank")
-    if rank_method == "energy" and (energy is None or not 0 < energy <= 1):
-        raise OptionError("--rank-method energy needs --energy F with 0 < F <= 1")
-    if rank_method == "budget" and (param_budget is None or param_budget < 1):
-        raise OptionError("--rank-method budget needs --param-budget N (total LoRA parameters)")
     try:
         code = DType(dtype).code
     except ValueError:
@@ -276,7 +257,7 @@ def _options(
 @dataclass
 class _Result:
     module: ExtractModule
-    svd: Any  # ops.TruncatedSVD, on the CPU
+    svd: Any  # lowrank.TruncatedSVD, on the CPU
 
 
 def _delta_matrix(m: ExtractModule, base: Any, tuned: Any, work: Any) -> Any:
@@ -303,13 +284,13 @@ def _decompose(
     """Truncated SVD of every selected module's delta, streamed pair by pair."""
     import torch
 
-    from . import ops
+    from . import lowrank
 
     total = sum(m.base.nbytes + m.tuned.nbytes for m in plan.modules)
     done, skipped, results = 0, 0, []
     stop = threading.Event()
     generator = torch.Generator(device=device).manual_seed(options.seed)
-    method = ops.SvdMethod(options.svd)
+    method = lowrank.SvdMethod(options.svd)
     largest = max(max(m.base.nbytes, m.tuned.nbytes) for m in plan.modules)
     buffers = BufferPool(largest, 2 * 3)  # prefetch depth 2: three pairs at most
     work = torch.empty(max(m.base.numel for m in plan.modules), device=device)
@@ -331,7 +312,7 @@ def _decompose(
                     delta = _delta_matrix(m, *tensors, work)
                     del tensors
                     rank = min(options.compute_rank, *delta.shape)
-                    svd = ops.truncated_svd(delta, rank, method=method, generator=generator)
+                    svd = lowrank.truncated_svd(delta, rank, method=method, generator=generator)
                     results.append(_Result(m, _to_cpu(svd)))
             finally:
                 buffers.release(b)
@@ -348,34 +329,6 @@ def _same_bytes(m: ExtractModule, b: bytearray, t: bytearray) -> bool:
         return left[: m.base.nbytes] == right[: m.tuned.nbytes]
 
 
-def _stored_rel_error(svd: Any, rank: int, a: Any, b: Any, scaling: float) -> float:
-    """||delta - scaling·B@A|| / ||delta|| for the factors as stored (rounded to their dtype).
-
-    With Y = U_r S_r V_rᵀ (the truncated SVD, whose error ||delta - Y||² = ||delta||² - Σ s_i²
-    is known) and X = scaling·B@A as stored: ||delta - X||² = ||delta - Y||² + ||Y - X||², since
-    delta - Y is orthogonal to Y's column space and X leaves it only by rounding (a second-order
-    cross term). ||Y - X||² comes from r x r Gram matrices in float64: O((m + n) r²).
-    """
-    total = svd.total_energy
-    if total == 0:
-        return 0.0
-    left_y = svd.u[:, :rank].double() * svd.s[:rank].double()
-    right_y = svd.vh[:rank].double()
-    left_x = b.double().reshape(b.shape[0], -1) * scaling
-    right_x = a.double().reshape(a.shape[0], -1)
-
-    def inner(l1: Any, r1: Any, l2: Any, r2: Any) -> float:
-        return float(((l1.t() @ l2) * (r1 @ r2.t())).sum())
-
-    rounding = (
-        inner(left_y, right_y, left_y, right_y)
-        - 2 * inner(left_y, right_y, left_x, right_x)
-        + inner(left_x, right_x, left_x, right_x)
-    )
-    truncation = total - svd.kept_energy(rank)
-    return math.sqrt(max(truncation + max(rounding, 0.0), 0.0) / total)
-
-
 def _module_factors(
     r: _Result, rank: int, alpha: float, dtype: Any
 ) -> tuple[Any, Any, ModuleReport]:
@@ -383,7 +336,9 @@ def _module_factors(
     scaling = alpha / rank
     a, b = r.svd.factors(rank, scaling)
     a, b = a.to(dtype), b.to(dtype)
-    error = _stored_rel_error(r.svd, rank, a, b, scaling)
+    from .lowrank import stored_rel_error
+
+    error = stored_rel_error(r.svd, rank, a, b, scaling)
     m = r.module
     if m.layout == "conv":
         shape = m.base.shape
@@ -420,13 +375,6 @@ def _config(
     }
 
 
-def _keys(m: ExtractModule) -> tuple[str, str]:
-    prefix = KEY_PREFIX + m.module
-    if m.layout == "embedding":
-        return prefix + ".lora_embedding_A", prefix + ".lora_embedding_B"
-    return prefix + ".lora_A.weight", prefix + ".lora_B.weight"
-
-
 def _not_in_adapter(
     plan: ExtractPlan, files: TensorFiles, module_energy: float
 ) -> list[dict[str, Any]]:
@@ -456,20 +404,16 @@ def _write_adapter(
     out: Path, plan: ExtractPlan, tensors: list[tuple[str, Any]], config: dict[str, Any],
     files: TensorFiles, overwrite: bool,
 ) -> None:  # fmt: skip
-    import torch
-
     from .reader import dtype_code
 
     planned = [OutputTensor(k, dtype_code(v.dtype), tuple(v.shape)) for k, v in tensors]
     planned += [OutputTensor(KEY_PREFIX + t.name, t.dtype, t.shape) for _, t in plan.saved]
-    shard = OutputShard(ADAPTER_WEIGHTS_NAME, {"format": "pt"}, tuple(planned))
-    with CheckpointWriter(out, OutputLayout((shard,)), overwrite=overwrite) as writer:
+    with AdapterWriter(out, planned, overwrite=overwrite) as writer:
         for key, value in tensors:
-            writer.write(key, value.reshape(-1).view(torch.uint8).numpy().data)
+            writer.write(key, value)
         for _, t in plan.saved:
-            writer.copy(KEY_PREFIX + t.name, files.fd(t.path), t.offset, t.nbytes)
-        writer.add_text(ADAPTER_CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
-        writer.commit()
+            writer.copy(KEY_PREFIX + t.name, t, files)
+        writer.commit(config)
 
 
 def extract(
@@ -530,15 +474,15 @@ def extract(
     )  # fmt: skip
     out_path = Path(out)
     check_output_path(out_path, [plan.base.path, plan.tuned.path], overwrite=overwrite)
-    from . import ops
+    from . import lowrank, ops
     from .reader import torch_dtype
 
     results, skipped = _decompose(plan, options, ops.resolve_device(device), progress)
     if not results:
         raise OptionError("the selected weights are equal in both checkpoints; nothing to extract")
-    ranks = ops.select_ranks(
+    ranks = lowrank.select_ranks(
         [r.svd for r in results], [r.module.matrix_shape for r in results],
-        method=ops.RankMethod(options.rank_method), rank=options.rank, energy=options.energy,
+        method=lowrank.RankMethod(options.rank_method), rank=options.rank, energy=options.energy,
         param_budget=options.param_budget, min_rank=options.min_rank, max_rank=options.max_rank,
     )  # fmt: skip
     tensors, modules, alphas = [], [], []
@@ -546,7 +490,7 @@ def extract(
         a_value = float(options.alpha) if options.alpha is not None else float(k)
         stored = torch_dtype(options.dtype or r.module.base.dtype)
         a, b, report = _module_factors(r, k, a_value, stored)
-        key_a, key_b = _keys(r.module)
+        key_a, key_b = lora_keys(r.module.module, embedding=r.module.layout == "embedding")
         tensors += [(key_a, a), (key_b, b)]
         modules.append(report)
         alphas.append(a_value)

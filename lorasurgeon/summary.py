@@ -89,7 +89,7 @@ def summarize(location: str | os.PathLike[str]) -> Summary:
     loc = resolve(location, role=Role.ANY)
     path = loc.path
     if path.is_dir() and (path / ADAPTER_CONFIG_NAME).is_file():
-        with open_adapter(path) as adapter:
+        with open_adapter(path, file_targets=True) as adapter:
             config = adapter.config
             target = config.raw.get("target_modules")
             return Summary(

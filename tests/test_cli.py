@@ -475,7 +475,7 @@ def _spec_options(command: str) -> set[str]:
 
 
 @pytest.mark.skipif(not SPEC.exists(), reason="shared/spec/cli.md is not beside the checkout")
-@pytest.mark.parametrize("command", ["merge", "extract", "inspect"])
+@pytest.mark.parametrize("command", ["merge", "extract", "combine", "resize", "inspect"])
 def test_help_offers_every_option_of_the_contract(command: str) -> None:
     params = cli.commands[command].params
     offered = {opt for p in params for opt in p.opts if opt.startswith("--")}
@@ -504,3 +504,56 @@ def test_console_script_runs_the_readme_merge(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "14 tensors merged, 7 copied" in proc.stderr
+
+
+# ---------------------------------------------------------------- combine and resize
+
+
+def test_readme_combine_and_resize_run_on_the_fixtures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    adapter = FIXTURES / "adapter"
+    code, _, err = run_cli(
+        capsys, "combine", adapter, adapter, "--weight", "0.7", "--weight", "0.4", "--svd",
+        "--rank", "8", "-o", tmp_path / "mixed", "--report", tmp_path / "mixed.json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "svd of 2 adapters, 14 modules (14 shared), rank 8" in err
+    assert json.loads((tmp_path / "mixed.json").read_text())["worst_rel_error"] < 1e-5
+    report = tmp_path / "small.json"
+    code, _, err = run_cli(capsys, "resize", adapter, "-o", tmp_path / "small", "--rank", "4",
+                           "--report", report)  # fmt: skip
+    assert code == 0, err
+    assert "14 modules, rank 4" in err
+    data = json.loads(report.read_text())
+    assert len(data["modules"]) == 14 and 0 < data["worst_rel_error"] < 1
+    assert {"module", "shape", "rank", "alpha", "rel_error", "energy_kept"} <= data["modules"][
+        0
+    ].keys()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["combine", "{a}", "{a}", "--weight", "1"], 2, "--weight"),
+        (["combine", "{a}", "{a}", "--method", "ties"], 1, "--density"),
+        (["combine", "{a}", "{a}", "--rank", "4"], 1, "--svd"),
+        (["combine", "{a}", "{a}", "--method", "mean"], 2, "--method"),
+        (["combine", "{a}", "{t}"], 1, "adapter_config.json"),
+        (["resize", "{a}"], 2, "--rank"),
+        (["resize", "{a}", "--rank-method", "energy"], 1, "--energy"),
+        (["resize", "{t}", "--rank", "2"], 1, "adapter_config.json"),
+    ],
+)
+def test_combine_and_resize_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], code: int, words: str
+) -> None:
+    paths = {"a": str(FIXTURES / "adapter"), "t": str(FIXTURES / "tuned")}
+    filled = [a.format(**paths) for a in args] + ["-o", str(tmp_path / "out")]
+    got, _, err = run_cli(capsys, *filled)
+    assert got == code and words in err, err
+    if code == 1:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    assert leftovers(tmp_path) == []

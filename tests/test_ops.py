@@ -573,3 +573,84 @@ def test_bf16_single_adapter_equals_peft_float32_order_bit_for_bit() -> None:
         if not torch.equal(apply_updates(w, [delta], torch.bfloat16), peft):
             mismatches.append(i)
     assert mismatches == []
+
+
+# ---------------------------------------------------------------------------------------------
+# combine's tensor combinations against PEFT's merge_utils, in PEFT's float order
+
+
+def _tasks(seed: int, count: int = 3, shape: tuple[int, ...] = (6, 10)) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) for _ in range(count)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(
+    ("method", "density", "sign"),
+    [
+        (ops.Combination.LINEAR, 1.0, "total"),
+        (ops.Combination.MAGNITUDE_PRUNE, 0.4, "total"),
+        (ops.Combination.TIES, 0.5, "total"),
+        (ops.Combination.TIES, 0.7, "frequency"),
+        (ops.Combination.DARE_LINEAR, 0.5, "total"),
+        (ops.Combination.DARE_TIES, 0.3, "frequency"),
+    ],
+)
+def test_combine_tensors_equals_peft_merge_utils(
+    seed: int, method: ops.Combination, density: float, sign: str
+) -> None:
+    from peft.utils import merge_utils
+
+    tensors = _tasks(seed)
+    weights = [0.7, -0.4, 1.3]
+    cpu = torch.device("cpu")
+    masks = [ops.random_mask(t.shape, density, generator=torch.Generator().manual_seed(seed + i),
+                             device=cpu) for i, t in enumerate(tensors)]  # fmt: skip
+    replay = iter(masks)
+    original = torch.bernoulli
+    torch.bernoulli = lambda *a, **k: next(replay)  # type: ignore[assignment]
+    try:
+        w = torch.tensor(weights)
+        expected = {
+            ops.Combination.LINEAR: lambda: merge_utils.task_arithmetic(tensors, w),
+            ops.Combination.MAGNITUDE_PRUNE: lambda: merge_utils.magnitude_prune(
+                tensors, w, density
+            ),
+            ops.Combination.TIES: lambda: merge_utils.ties(tensors, w, density, sign),
+            ops.Combination.DARE_LINEAR: lambda: merge_utils.dare_linear(tensors, w, density),
+            ops.Combination.DARE_TIES: lambda: merge_utils.dare_ties(tensors, w, density, sign),
+        }[method]()
+    finally:
+        torch.bernoulli = original
+    ours = ops.combine_tensors(tensors, weights, method, density=density,
+                               sign_method=ops.SignMethod(sign), masks=masks)  # fmt: skip
+    assert torch.equal(ours, expected)
+
+
+def test_magnitude_prune_keeps_the_largest_floor_d_n() -> None:
+    x = torch.tensor([0.5, -3.0, 2.0, -0.1, 1.0, 0.0, -2.5])
+    kept = ops.magnitude_prune(x, 0.5)  # floor(3.5) = 3
+    assert torch.equal(kept, torch.tensor([0.0, -3.0, 2.0, 0.0, 0.0, 0.0, -2.5]))
+    assert ops.magnitude_prune(x, 1.0) is x
+
+
+def test_random_mask_has_the_density_in_distribution() -> None:
+    n, density = 200_000, 0.3
+    mask = ops.random_mask((n,), density, generator=torch.Generator().manual_seed(0),
+                           device=torch.device("cpu"))  # fmt: skip
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert abs(float(mask.sum()) - density * n) <= 5 * (n * density * (1 - density)) ** 0.5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"method": ops.Combination.TIES, "density": 0.0}, "density"),
+        ({"method": ops.Combination.DARE_LINEAR, "density": 0.5}, "mask"),
+        ({"method": ops.Combination.LINEAR, "weights": [1.0]}, "weights"),
+    ],
+)
+def test_combine_tensors_refuses_bad_arguments(kwargs: dict, words: str) -> None:
+    arguments = {"tensors": _tasks(0, 2), "weights": [1.0, 1.0], **kwargs}
+    with pytest.raises(OptionError, match=words):
+        ops.combine_tensors(**arguments)

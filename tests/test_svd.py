@@ -1,4 +1,4 @@
-"""Properties of the truncated SVD and rank selection in ``lorasurgeon.ops``.
+"""Properties of the truncated SVD and rank selection in ``lorasurgeon.lowrank``.
 
 References are float64: ``torch.linalg.svdvals`` of the float64 matrix, residuals formed in
 float64 from the returned factors. Tolerances, each measured before it was set:
@@ -26,9 +26,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis.extra.numpy import arrays
 
-from lorasurgeon import ops
+from lorasurgeon import lowrank
 from lorasurgeon.errors import OptionError
-from lorasurgeon.ops import RankMethod, SvdMethod, TruncatedSVD, select_ranks, truncated_svd
+from lorasurgeon.lowrank import RankMethod, SvdMethod, TruncatedSVD, select_ranks, truncated_svd
 
 # The autouse offline-Hub fixture of conftest.py only sets environment variables, so sharing it
 # between the examples of a hypothesis test is harmless.
@@ -261,13 +261,13 @@ def test_randomized_falls_back_to_exact_only_when_the_sketch_covers_the_matrix(
 ) -> None:
     a = torch.randn(30, 20, generator=torch.Generator().manual_seed(0))
     calls: list[tuple[int, ...]] = []
-    full_svd = ops._full_svd
+    full_svd = lowrank._full_svd
 
     def spy(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         calls.append(tuple(x.shape))
         return full_svd(x)
 
-    monkeypatch.setattr(ops, "_full_svd", spy)
+    monkeypatch.setattr(lowrank, "_full_svd", spy)
     truncated_svd(a, 9)  # 9 + 10 < 20: the range finder
     assert calls == []
     truncated_svd(a, 10)  # 10 + 10 >= 20: a full SVD is as cheap
@@ -558,3 +558,45 @@ def test_spectra_must_match_their_shapes() -> None:
         select_ranks([svd], [(8, 6), (8, 6)], method=RankMethod.FIXED)
     with pytest.raises(OptionError, match="8x6 delta was given for shape 6x8"):
         select_ranks([svd], [(6, 8)], method=RankMethod.FIXED)
+
+
+# ---------------------------------------------------------------------------------------------
+# The helpers of combine and resize
+
+
+@pytest.mark.parametrize("q", [0.0, 0.1, 0.5, 0.9, 0.99, 1.0])
+def test_clamp_factors_is_peft_svd_clamp(q: float) -> None:
+    gen = torch.Generator().manual_seed(3)
+    a, b = torch.randn(4, 30, generator=gen), torch.randn(20, 4, generator=gen)
+    high = torch.quantile(torch.cat([b.flatten(), a.flatten()]), q)  # PEFT's svd_clamp
+    ours_a, ours_b = lowrank.clamp_factors(a, b, q)
+    assert torch.equal(ours_a, a.clamp(-high, high)) and torch.equal(ours_b, b.clamp(-high, high))
+
+
+def test_clamp_quantile_works_beyond_torch_quantile_size_limit() -> None:
+    values = torch.arange(1 << 24, dtype=torch.float32) + 0.5  # over torch.quantile's limit
+    a, b = values[: 1 << 23].reshape(1, -1), values[1 << 23 :].reshape(-1, 1)
+    ours_a, ours_b = lowrank.clamp_factors(a, b, 0.75)
+    high = float(torch.cat([ours_b.flatten(), ours_a.flatten()]).max())
+    assert high == pytest.approx(0.75 * ((1 << 24) - 1) + 0.5, abs=2.0)
+
+
+def test_relative_distance_equals_the_dense_one() -> None:
+    gen = torch.Generator().manual_seed(4)
+    lx, rx = torch.randn(30, 5, generator=gen).double(), torch.randn(5, 40, generator=gen).double()
+    ly, ry = torch.randn(30, 3, generator=gen).double(), torch.randn(3, 40, generator=gen).double()
+    x, y = lx @ rx, ly @ ry
+    dense = float((x - y).norm() / x.norm())
+    assert lowrank.relative_distance(lx, rx, ly, ry) == pytest.approx(dense, rel=1e-10)
+    assert lowrank.relative_distance(lx, rx, lx, rx) < 1e-7
+    zero = torch.zeros(30, 1, dtype=torch.float64)
+    assert lowrank.relative_distance(zero, rx[:1], zero, rx[:1]) == 0.0
+
+
+def test_singular_vector_signs_are_canonical() -> None:
+    a = torch.randn(40, 30, generator=torch.Generator().manual_seed(5))
+    for svd in (truncated_svd(a, 5, method=SvdMethod.EXACT), truncated_svd(a, 5),
+                lowrank.product_svd(a[:, :6], torch.eye(6, 30))):  # fmt: skip
+        u = svd.u.double()
+        peaks = u[u.abs().argmax(dim=0), torch.arange(u.shape[1])]
+        assert bool((peaks > 0).all())

@@ -1,0 +1,661 @@
+"""Adapter arithmetic without a model: ``plan_combine`` and ``combine``.
+
+PEFT's ``add_weighted_adapter`` on the adapter files alone (shared/spec/peft-lora.md §6): the
+factor-wise methods (linear, ties, dare_linear, dare_ties, magnitude_prune) merge lora_A and
+lora_B separately, ``cat`` stacks them, and ``svd=True`` takes each method's ``_svd`` variant,
+a truncated SVD of the combined delta. A weighted sum of LoRA deltas is decomposed from its
+factors (``lowrank.product_svd``), without forming the full matrix; only the pruning methods
+need it. Modules stream one at a time: memory holds one module's factors, not the adapters.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .adapters import (
+    Adapter,
+    AdapterWriter,
+    LoraModule,
+    lora_keys,
+    open_adapter,
+    rank_config,
+)
+from .errors import AdapterError, IncompatibleError, OptionError
+from .locations import Location, Role, resolve
+from .reader import TensorFiles, TensorInfo
+from .writer import DType, OutputTensor, check_output_path
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "CombineMethod",
+    "CombinePlan",
+    "CombineReport",
+    "CombinedModule",
+    "combine",
+    "plan_combine",
+]
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+#: ``masks(module, part, source)``: the 0/1 DARE mask of one source tensor (part "lora_A",
+#: "lora_B" or "delta"), to replay another tool's random draws; None draws from ``seed``.
+MaskSource = Callable[[str, str, int], "torch.Tensor"]
+
+
+class CombineMethod(str, Enum):
+    """How ``combine`` merges the adapters (PEFT's combination types; ``svd`` selects the
+    ``_svd`` variant, and ``linear`` with ``svd`` is PEFT's ``svd``)."""
+
+    LINEAR = "linear"
+    CAT = "cat"
+    TIES = "ties"
+    DARE_LINEAR = "dare_linear"
+    DARE_TIES = "dare_ties"
+    MAGNITUDE_PRUNE = "magnitude_prune"
+
+    @property
+    def prunes(self) -> bool:
+        return self not in (CombineMethod.LINEAR, CombineMethod.CAT)
+
+    @property
+    def elects_sign(self) -> bool:
+        return self in (CombineMethod.TIES, CombineMethod.DARE_TIES)
+
+    @property
+    def random(self) -> bool:
+        return self in (CombineMethod.DARE_LINEAR, CombineMethod.DARE_TIES)
+
+    def peft_name(self, svd: bool) -> str:
+        if svd:
+            return "svd" if self is CombineMethod.LINEAR else f"{self.value}_svd"
+        return self.value
+
+
+@dataclass(frozen=True)
+class Source:
+    """One adapter's LoRA on a module: its position among the inputs, the user's weight."""
+
+    adapter: int
+    weight: float
+    lora: LoraModule
+
+    @property
+    def coefficient(self) -> float:
+        """c = weight · scaling: the source contributes c · B @ A to the exact sum."""
+        return self.weight * self.lora.scaling
+
+
+@dataclass(frozen=True)
+class PlannedModule:
+    """One module of the combined adapter: its sources in input order, the output rank, the
+    (out, in) shape of B @ A (in flattened for convs) and the output dtype code."""
+
+    module: str
+    sources: tuple[Source, ...]
+    rank: int
+    shape: tuple[int, int]
+    dtype: str
+
+    @property
+    def embedding(self) -> bool:
+        return self.sources[0].lora.embedding
+
+    def output_tensors(self) -> tuple[OutputTensor, OutputTensor]:
+        a, b = self.sources[0].lora.lora_a.shape, self.sources[0].lora.lora_b.shape
+        key_a, key_b = lora_keys(self.module, embedding=self.embedding)
+        return (
+            OutputTensor(key_a, self.dtype, (self.rank, *a[1:])),
+            OutputTensor(key_b, self.dtype, (b[0], self.rank, *b[2:])),
+        )
+
+
+@dataclass(frozen=True)
+class CombinePlan:
+    """What ``combine`` will do, from headers alone."""
+
+    adapters: tuple[Location, ...]
+    weights: tuple[float, ...]
+    method: CombineMethod
+    svd: bool
+    clamp: float | None
+    density: float
+    majority_sign: str
+    modules: tuple[PlannedModule, ...]
+    copies: tuple[TensorInfo, ...]  # stored whole, unchanged (modules_to_save, biases, tokens)
+    config: dict[str, Any]
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CombinedModule:
+    """One module of the combined adapter, as in the report: ``rel_error`` is how far its
+    ``scaling · B @ A`` (as stored) lies from the exact weighted sum Σ_i w_i·s_i·B_i @ A_i,
+    relative to that sum."""
+
+    module: str
+    shape: list[int]
+    rank: int
+    adapters: int
+    rel_error: float
+
+
+@dataclass(frozen=True)
+class CombineReport:
+    """The combination's figures; ``to_dict()`` is its JSON form."""
+
+    out: Path
+    method: str
+    modules: list[CombinedModule]
+    total_params: int
+    copied: list[str]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["out"] = str(self.out)
+        errors = [m.rel_error for m in self.modules]
+        data["worst_rel_error"] = max(errors, default=0.0)
+        data["median_rel_error"] = statistics.median(errors) if errors else 0.0
+        return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+@dataclass(frozen=True)
+class _Options:
+    method: CombineMethod
+    svd: bool
+    weights: tuple[float, ...]
+    rank: int | None
+    clamp: float | None
+    density: float
+    majority_sign: str
+    dtype: str | None
+
+
+def _method(value: object) -> CombineMethod:
+    try:
+        return CombineMethod(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in CombineMethod)
+        raise OptionError(f"method must be one of {choices}, not {value!r}") from None
+
+
+def _options(
+    count: int, weights: Sequence[float] | None, method: str, svd: bool, rank: int | None,
+    clamp: float | None, density: float | None, majority_sign: str, dtype: str,
+) -> _Options:  # fmt: skip
+    kind = _method(method)
+    if count < 1:
+        raise OptionError("give at least one adapter")
+    values = tuple(float(w) for w in weights) if weights else (1.0,) * count
+    if len(values) != count or not all(math.isfinite(w) for w in values):
+        raise OptionError(
+            f"give one finite --weight per adapter: {count} adapters, {len(values)} weights"
+        )
+    if kind is CombineMethod.CAT and svd:
+        raise OptionError(
+            "cat has no --svd variant", hint="linear --svd decomposes the same exact sum"
+        )
+    if rank is not None and (not svd or rank < 1):
+        raise OptionError(
+            "--rank R (R >= 1) sets the rank of the --svd methods only",
+            hint="use --svd, or `lorasurgeon resize` to shrink an adapter",
+        )
+    if clamp is not None and (not svd or not 0 <= clamp <= 1):
+        raise OptionError("--clamp Q needs --svd and a quantile 0 <= Q <= 1")
+    if kind.prunes and (density is None or not 0 < density <= 1):
+        raise OptionError(f"{kind.value} needs --density D with 0 < D <= 1 (the fraction kept)")
+    if not kind.prunes and density is not None:
+        raise OptionError(f"--density applies to the pruning methods, not to {kind.value}")
+    if majority_sign not in ("total", "frequency"):
+        raise OptionError(f"majority sign must be total or frequency, not {majority_sign!r}")
+    try:
+        code = DType(dtype).code
+    except ValueError:
+        raise OptionError(f"unknown dtype {dtype!r}") from None
+    return _Options(kind, svd, values, rank, clamp, density or 1.0, majority_sign, code)
+
+
+def _refuse_unsupported(adapter: Adapter) -> None:
+    config = adapter.config
+    if config.use_dora or any(m.magnitude is not None for m in adapter.modules.values()):
+        raise AdapterError(
+            "is a DoRA adapter; its trained magnitudes depend on the base weights and cannot "
+            "be combined (PEFT would replace them with the base's)", path=config.path,
+        )  # fmt: skip
+    if config.lora_bias or any(m.lora_b_bias is not None for m in adapter.modules.values()):
+        raise AdapterError("has lora_B biases (lora_bias), which combine does not support",
+                           path=config.path)  # fmt: skip
+
+
+def _natural_key(module: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", module)]
+
+
+def _check_shapes(module: str, sources: Sequence[Source], adapters: Sequence[Adapter]) -> None:
+    first = sources[0].lora
+    for s in sources[1:]:
+        lora = s.lora
+        if (lora.embedding != first.embedding or lora.lora_a.shape[1:] != first.lora_a.shape[1:]
+                or lora.lora_b.shape[:1] + lora.lora_b.shape[2:]
+                != first.lora_b.shape[:1] + first.lora_b.shape[2:]):  # fmt: skip
+            where = adapters[sources[0].adapter].path
+            raise IncompatibleError(
+                f"lora_A {lora.lora_a.shape} / lora_B {lora.lora_b.shape} here but "
+                f"{first.lora_a.shape} / {first.lora_b.shape} in {where}",
+                path=adapters[s.adapter].path, tensor=module,
+                hint="the adapters were trained on different base models",
+            )  # fmt: skip
+
+
+def _output_rank(
+    module: str, sources: Sequence[Source], options: _Options, shape: tuple[int, int],
+    svd_rank: int, adapters: Sequence[Adapter],
+) -> int:  # fmt: skip
+    ranks = [s.lora.rank for s in sources]
+    if options.svd:
+        available = sum(ranks) if options.method is CombineMethod.LINEAR else min(shape)
+        return min(svd_rank, available, *shape)
+    if options.method is CombineMethod.CAT:
+        return sum(ranks)
+    if len(set(ranks)) > 1:
+        raise OptionError(
+            f"{options.method.value} merges lora_A and lora_B element by element and needs equal "
+            f"ranks, but {module} has ranks {ranks} in "
+            + ", ".join(str(adapters[s.adapter].path) for s in sources),
+            hint="--method cat or --svd combine any ranks",
+        )
+    return ranks[0]
+
+
+def _plan_modules(adapters: Sequence[Adapter], options: _Options) -> list[PlannedModule]:
+    names = sorted({m for a in adapters for m in a.modules}, key=_natural_key)
+    # PEFT's default svd rank: the largest rank any input may hold (r and rank_pattern values)
+    svd_rank = options.rank or max(
+        max([a.config.r, *(int(v) for v in a.config.rank_pattern.values())]) for a in adapters
+    )
+    planned = []
+    for name in names:
+        sources = [Source(i, options.weights[i], a.modules[name])
+                   for i, a in enumerate(adapters) if name in a.modules]  # fmt: skip
+        _check_shapes(name, sources, adapters)
+        first = sources[0].lora
+        shape = (first.lora_b.shape[0], math.prod(first.lora_a.shape[1:]))
+        rank = _output_rank(name, sources, options, shape, svd_rank, adapters)
+        dtype = options.dtype or first.lora_a.dtype
+        planned.append(PlannedModule(name, tuple(sources), rank, shape, dtype))
+    if not planned:
+        raise OptionError("the adapters hold no LoRA modules to combine")
+    return planned
+
+
+def _same_bytes(left: TensorInfo, right: TensorInfo, files: TensorFiles) -> bool:
+    return (
+        left.dtype == right.dtype
+        and left.shape == right.shape
+        and (files.read(left) == files.read(right))
+    )
+
+
+def _plan_copies(adapters: Sequence[Adapter]) -> list[TensorInfo]:
+    """Tensors stored whole, from whichever adapter has them; a name two adapters store with
+    different values cannot be combined."""
+    chosen: dict[str, tuple[int, TensorInfo]] = {}
+    with TensorFiles() as files:
+        for i, adapter in enumerate(adapters):
+            infos = [*adapter.replacements.values(), *(t for _, t in adapter.token_rows.values())]
+            for info in infos:
+                if info.name not in chosen:
+                    chosen[info.name] = (i, info)
+                    continue
+                other = adapters[chosen[info.name][0]]
+                if _same_bytes(chosen[info.name][1], info, files):
+                    continue
+                base_copy = any(info.name.endswith(n) for n in adapter.embedding_copies)
+                raise IncompatibleError(
+                    f"also stored whole, with other values, in {other.path}"
+                    + ("; the adapters were trained on different base embeddings" if base_copy
+                       else " (modules_to_save, biases or tokens); PEFT refuses this too"),
+                    path=adapter.checkpoint.path, tensor=info.name,
+                    hint="combine adapters that store different modules whole",
+                )  # fmt: skip
+    return [info for _, info in chosen.values()]
+
+
+def _merged_field(adapters: Sequence[Adapter], key: str) -> Any:
+    """The one non-empty value of a config field among the adapters (an error if two differ)."""
+    values = [(a, a.config.raw.get(key)) for a in adapters if a.config.raw.get(key)]
+    for adapter, value in values[1:]:
+        if value != values[0][1]:
+            raise AdapterError(f"{key} differs from {values[0][0].config.path}'s",
+                               path=adapter.config.path)  # fmt: skip
+    return values[0][1] if values else None
+
+
+def _config(adapters: Sequence[Adapter], modules: Sequence[PlannedModule]) -> dict[str, Any]:
+    """adapters[0]'s config (as PEFT), with exact module names as targets, each module's own
+    rank, scaling 1 (alpha = rank; rslora off, which PEFT would keep and so scale the result
+    by sqrt(rank)), and the union of what the adapters store whole."""
+    config = dict(adapters[0].config.raw)
+    ranks = {m.module: m.rank for m in modules}
+    config.update(rank_config(ranks, {m: float(r) for m, r in ranks.items()}))
+    saved = sorted({str(n) for a in adapters for n in a.config.raw.get("modules_to_save") or ()})
+    biases = {str(a.config.raw.get("bias", "none")) for a in adapters}
+    config.update(
+        target_modules=[m.module for m in modules], layers_to_transform=None,
+        layers_pattern=None, exclude_modules=None, use_rslora=False, use_dora=False,
+        lora_bias=False, inference_mode=True, modules_to_save=saved or None,
+        bias=next((b for b in ("all", "lora_only") if b in biases), "none"),
+        fan_in_fan_out=any(a.config.raw.get("fan_in_fan_out") for a in adapters),
+        trainable_token_indices=_merged_field(adapters, "trainable_token_indices"),
+    )  # fmt: skip
+    return config
+
+
+def _notes(adapters: Sequence[Adapter], options: _Options, count: int) -> list[str]:
+    notes = []
+    if count == 1:
+        notes.append("one adapter: it is scaled by its weight (PEFT's linear); to change its "
+                     "rank use `lorasurgeon resize`")  # fmt: skip
+    bases = {str(a.config.raw.get("base_model_name_or_path")) for a in adapters}
+    if len(bases) > 1:
+        notes.append(f"the adapters name different bases ({', '.join(sorted(bases))}); their "
+                     "shapes agree, so they were combined")  # fmt: skip
+    for a in adapters:
+        if a.ignored:
+            notes.append(f"{a.path}: {len(a.ignored)} LoRA modules its config does not select "
+                         "were left out, as PEFT ignores them")  # fmt: skip
+    return notes
+
+
+def plan_combine(
+    adapters: Sequence[str | os.PathLike[str]],
+    *,
+    weights: Sequence[float] | None = None,
+    method: str = "linear",
+    svd: bool = False,
+    rank: int | None = None,
+    clamp: float | None = None,
+    density: float | None = None,
+    majority_sign: str = "total",
+    dtype: str = "auto",
+) -> CombinePlan:
+    """Plan ``combine`` from the adapters' headers; every error visible there surfaces here.
+
+    Raises:
+        LocationError, AdapterError, IncompatibleError, OptionError.
+    """
+    options = _options(len(adapters), weights, method, svd, rank, clamp, density,
+                       majority_sign, dtype)  # fmt: skip
+    if len(adapters) == 1:  # PEFT forces linear for a single adapter
+        options = _Options(CombineMethod.LINEAR, False, options.weights, None, None, 1.0,
+                           options.majority_sign, options.dtype)  # fmt: skip
+    locations = tuple(resolve(a, role=Role.ADAPTER) for a in adapters)
+    opened: list[Adapter] = []
+    try:
+        for loc in locations:
+            opened.append(open_adapter(loc.path, file_targets=True))
+            _refuse_unsupported(opened[-1])
+        modules = _plan_modules(opened, options)
+        copies = _plan_copies(opened)
+        config = _config(opened, modules)
+        notes = _notes(opened, options, len(adapters))
+    finally:
+        for a in opened:
+            a.close()
+    return CombinePlan(
+        locations, options.weights, options.method, options.svd, options.clamp,
+        options.density, options.majority_sign, tuple(modules), tuple(copies), config,
+        tuple(notes),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Execution
+
+
+@dataclass
+class _Factors:
+    """A source's factors on the device, float32, as stored (conv shapes kept)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+    @property
+    def a2(self) -> torch.Tensor:
+        return self.a.reshape(self.a.shape[0], -1)
+
+    @property
+    def b2(self) -> torch.Tensor:
+        return self.b.reshape(self.b.shape[0], -1)
+
+
+def _masks(
+    plan: CombinePlan, m: PlannedModule, part: str, shapes: Sequence[torch.Size],
+    masks: MaskSource | None, generator: torch.Generator,
+) -> list[torch.Tensor] | None:  # fmt: skip
+    import torch
+
+    from . import ops
+
+    if not plan.method.random or plan.density >= 1:
+        return None
+    if masks is not None:
+        return [masks(m.module, part, s.adapter).to(generator.device, torch.float32)
+                for s in m.sources]  # fmt: skip
+    return [ops.random_mask(shape, plan.density, generator=generator, device=generator.device)
+            for shape in shapes]  # fmt: skip
+
+
+def _factor_wise(
+    plan: CombinePlan, m: PlannedModule, factors: Sequence[_Factors], masks: MaskSource | None,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """PEFT's factor-wise methods: A and B merged separately with weights ±sqrt(|c_i|)."""
+    from . import ops
+
+    roots = [math.sqrt(abs(s.coefficient)) for s in m.sources]
+    weights_a = [r if s.coefficient >= 0 else -r for r, s in zip(roots, m.sources, strict=True)]
+    combination = ops.Combination(plan.method.value)
+    kwargs: dict[str, Any] = {"density": plan.density,
+                              "sign_method": ops.SignMethod(plan.majority_sign)}  # fmt: skip
+    masks_a = _masks(plan, m, "lora_A", [f.a.shape for f in factors], masks, generator)
+    masks_b = _masks(plan, m, "lora_B", [f.b.shape for f in factors], masks, generator)
+    a = ops.combine_tensors([f.a for f in factors], weights_a, combination, masks=masks_a,
+                            **kwargs)  # fmt: skip
+    b = ops.combine_tensors([f.b for f in factors], roots, combination, masks=masks_b, **kwargs)
+    return a, b
+
+
+def _svd_factors(
+    plan: CombinePlan, m: PlannedModule, factors: Sequence[_Factors], masks: MaskSource | None,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """PEFT's ``_svd`` variants: the rank-k truncated SVD of the combined delta, all singular
+    values in B. A weighted sum is decomposed from its factors, the rest densely."""
+    import torch
+
+    from . import lowrank, ops
+
+    if plan.method is CombineMethod.LINEAR:
+        left = torch.cat([f.b2.double() * s.coefficient
+                          for f, s in zip(factors, m.sources, strict=True)], dim=1)  # fmt: skip
+        svd = lowrank.product_svd(left, torch.cat([f.a2 for f in factors], dim=0), m.rank)
+    else:
+        deltas = [(f.b2 @ f.a2) * s.lora.scaling for f, s in zip(factors, m.sources, strict=True)]
+        shapes = [d.shape for d in deltas]
+        combined = ops.combine_tensors(
+            deltas, [s.weight for s in m.sources], ops.Combination(plan.method.value),
+            density=plan.density, sign_method=ops.SignMethod(plan.majority_sign),
+            masks=_masks(plan, m, "delta", shapes, masks, generator),
+        )  # fmt: skip
+        del deltas
+        svd = lowrank.truncated_svd(combined, m.rank, method=lowrank.SvdMethod.EXACT)
+    a, b = svd.factors(m.rank, 1.0, balanced=False)
+    if plan.clamp is not None:
+        a, b = lowrank.clamp_factors(a, b, plan.clamp)
+    first = factors[0]
+    return a.reshape(m.rank, *first.a.shape[1:]), b.reshape(first.b.shape[0], m.rank,
+                                                            *first.b.shape[2:])  # fmt: skip
+
+
+def _combine_module(
+    plan: CombinePlan, m: PlannedModule, factors: Sequence[_Factors], masks: MaskSource | None,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    import torch
+
+    if plan.svd:
+        return _svd_factors(plan, m, factors, masks, generator)
+    if plan.method is CombineMethod.CAT:
+        # PEFT's order of roundings: (A · weight) · scaling
+        a = torch.cat([f.a * s.weight * s.lora.scaling
+                       for f, s in zip(factors, m.sources, strict=True)], dim=0)  # fmt: skip
+        return a, torch.cat([f.b for f in factors], dim=1)
+    return _factor_wise(plan, m, factors, masks, generator)
+
+
+def _departure(m: PlannedModule, factors: Sequence[_Factors], a: Any, b: Any) -> float:
+    """||Σ c_i B_i A_i - B @ A||_F / ||Σ c_i B_i A_i||_F from Gram matrices (float64)."""
+    import torch
+
+    from .lowrank import relative_distance
+
+    left = torch.cat([f.b2.double() * s.coefficient
+                      for f, s in zip(factors, m.sources, strict=True)], dim=1)  # fmt: skip
+    right = torch.cat([f.a2.double() for f in factors], dim=0)
+    return relative_distance(left, right, b.reshape(b.shape[0], -1).double(),
+                             a.reshape(a.shape[0], -1).double())  # fmt: skip
+
+
+def _load(files: TensorFiles, m: PlannedModule, device: torch.device) -> list[_Factors]:
+    import torch
+
+    return [
+        _Factors(files.load(s.lora.lora_a).to(device).to(torch.float32),
+                 files.load(s.lora.lora_b).to(device).to(torch.float32))
+        for s in m.sources
+    ]  # fmt: skip
+
+
+def _execute(
+    plan: CombinePlan, out: Path, device: torch.device, seed: int, masks: MaskSource | None,
+    overwrite: bool, progress: ProgressCallback | None,
+) -> tuple[list[CombinedModule], int]:  # fmt: skip
+    import torch
+
+    from .reader import torch_dtype
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    planned = [t for m in plan.modules for t in m.output_tensors()]
+    planned += [OutputTensor(info.name, info.dtype, info.shape) for info in plan.copies]
+    rows, params = [], 0
+    with TensorFiles() as files, AdapterWriter(out, planned, overwrite=overwrite) as writer:
+        for i, m in enumerate(plan.modules):
+            factors = _load(files, m, device)
+            a, b = _combine_module(plan, m, factors, masks, generator)
+            a, b = a.to(torch_dtype(m.dtype)), b.to(torch_dtype(m.dtype))
+            error = _departure(m, factors, a, b)
+            rows.append(CombinedModule(m.module, list(m.shape), m.rank, len(m.sources), error))
+            params += a.numel() + b.numel()
+            key_a, key_b = lora_keys(m.module, embedding=m.embedding)
+            writer.write(key_a, a.cpu())
+            writer.write(key_b, b.cpu())
+            if progress is not None:
+                progress(i + 1, len(plan.modules))
+        for info in plan.copies:
+            writer.copy(info.name, info, files)
+        writer.commit(plan.config)
+    return rows, params
+
+
+def _linear_note(plan: CombinePlan, rows: Sequence[CombinedModule]) -> list[str]:
+    shared = [r.rel_error for r in rows if r.adapters > 1]
+    if plan.method is not CombineMethod.LINEAR or plan.svd or not shared:
+        return []
+    return [
+        f"linear combines lora_A and lora_B separately, as PEFT does: {len(shared)} modules "
+        "that several adapters share gain cross terms B_i @ A_j and lie up to "
+        f"{max(shared):.0%} from the exact weighted sum; --method cat or --svd give that sum"
+    ]
+
+
+def combine(
+    adapters: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    weights: Sequence[float] | None = None,
+    method: str = "linear",
+    svd: bool = False,
+    rank: int | None = None,
+    clamp: float | None = None,
+    density: float | None = None,
+    majority_sign: str = "total",
+    seed: int = 0,
+    dtype: str = "auto",
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+    masks: MaskSource | None = None,
+) -> CombineReport:
+    """Combine LoRA adapters into one, as PEFT's ``add_weighted_adapter`` would.
+
+    The result matches ``add_weighted_adapter(adapters, weights, combination_type)`` where the
+    type is ``method``, or with ``svd`` its ``_svd`` variant (``linear`` + ``svd`` is PEFT's
+    ``svd``), ``svd_rank=rank``, ``svd_clamp=clamp``, ``density``, ``majority_sign_method``.
+    Differences from PEFT, all deliberate: adapters with different targets combine over the
+    union of their modules (PEFT applies adapters[0]'s layer filter to all); each module is
+    written at its true rank, with rank_pattern (PEFT pads with zeros, or writes factors its
+    config contradicts); rslora inputs give scaling 1 (PEFT's result is sqrt(rank) too large);
+    whole tensors one adapter stores (modules_to_save, biases, trainable tokens) are kept
+    (PEFT replaces them with the base's); DoRA and lora_bias adapters are refused. DARE masks
+    come from ``seed`` (PEFT draws from the global RNG). Nothing is at ``out`` unless it
+    returns.
+
+    Args:
+        adapters: adapter directories or Hub repo ids; weights: one per adapter (default 1).
+        method: linear, cat, ties, dare_linear, dare_ties or magnitude_prune.
+        svd: the ``_svd`` variant; rank: its rank (default: the largest input rank).
+        clamp: quantile Q to clamp the SVD factors at; density: the fraction pruning keeps.
+        majority_sign: ``total`` or ``frequency`` (ties, dare_ties).
+        dtype: factor dtype; ``auto`` is each module's first adapter's.
+        masks: replays DARE masks instead of drawing them (see ``MaskSource``).
+
+    Raises:
+        LocationError, AdapterError, IncompatibleError, OptionError, OutputError.
+    """
+    started = time.monotonic()
+    plan = plan_combine(
+        adapters, weights=weights, method=method, svd=svd, rank=rank, clamp=clamp,
+        density=density, majority_sign=majority_sign, dtype=dtype,
+    )  # fmt: skip
+    out_path = Path(out)
+    check_output_path(out_path, [loc.path for loc in plan.adapters], overwrite=overwrite)
+    from .ops import resolve_device
+
+    rows, params = _execute(plan, out_path, resolve_device(device), seed, masks, overwrite,
+                            progress)  # fmt: skip
+    notes = [*plan.notes, *_linear_note(plan, rows)]
+    for note in notes:
+        logger.warning(note)
+    return CombineReport(
+        out_path, plan.method.peft_name(plan.svd), rows, params,
+        [info.name for info in plan.copies], time.monotonic() - started, notes,
+    )  # fmt: skip

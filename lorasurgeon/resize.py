@@ -1,0 +1,226 @@
+"""Change an adapter's ranks: ``resize``.
+
+Each module's ``delta = scaling · B @ A`` is decomposed exactly from its factors
+(``lowrank.product_svd``: QR of both factors and an SVD of the r x r core, never the full
+matrix), ranks are chosen with extract's rank selection (fixed, energy or budget), and each
+module is written as the exact truncated SVD at its rank: the best approximation of the input
+delta there, lossless at or above the input rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .adapters import (
+    Adapter,
+    AdapterWriter,
+    LoraModule,
+    ModuleReport,
+    error_summary,
+    lora_keys,
+    open_adapter,
+    rank_config,
+)
+from .errors import AdapterError, OptionError
+from .locations import Role, resolve
+from .reader import TensorFiles
+from .writer import DType, OutputTensor, check_output_path
+
+if TYPE_CHECKING:
+    import torch
+
+    from .lowrank import TruncatedSVD
+
+__all__ = ["ResizeReport", "resize"]
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ResizeReport:
+    """The resize's figures, in extract's report format; ``to_dict()`` is the ``--report``
+    JSON. ``rel_error`` of a module is against the input adapter's delta."""
+
+    out: Path
+    modules: list[ModuleReport]
+    total_params: int
+    input_params: int
+    rank_method: str
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["out"] = str(self.out)
+        data.update(error_summary(self.modules))
+        return data
+
+
+def _shape(lora: LoraModule) -> tuple[int, int]:
+    return lora.lora_b.shape[0], math.prod(lora.lora_a.shape[1:])
+
+
+def _decompose(
+    files: TensorFiles, lora: LoraModule, device: torch.device, rank: int | None = None
+) -> TruncatedSVD:
+    """The exact SVD of the module's delta ``scaling · B @ A`` from its factors."""
+    import torch
+
+    from .lowrank import product_svd
+
+    a = files.load(lora.lora_a).to(device).to(torch.float64)
+    b = files.load(lora.lora_b).to(device).to(torch.float64)
+    return product_svd(b.reshape(b.shape[0], -1) * lora.scaling, a.reshape(a.shape[0], -1), rank)
+
+
+def _spectra(
+    adapter: Adapter, files: TensorFiles, device: torch.device, progress: ProgressCallback | None
+) -> list[TruncatedSVD]:
+    """Every module's singular values (the vectors are dropped: recomputed when writing)."""
+    import torch
+
+    spectra, count = [], len(adapter.modules)
+    for i, lora in enumerate(adapter.modules.values()):
+        svd = _decompose(files, lora, device)
+        m, n = _shape(lora)
+        spectra.append(dataclasses.replace(
+            svd, u=torch.empty(m, 0, dtype=torch.float64), s=svd.s.cpu(),
+            vh=torch.empty(0, n, dtype=torch.float64),
+        ))  # fmt: skip
+        if progress is not None:
+            progress(i + 1, 2 * count)
+    return spectra
+
+
+def _refuse_unsupported(adapter: Adapter) -> None:
+    config = adapter.config
+    if config.use_dora or any(m.magnitude is not None for m in adapter.modules.values()):
+        raise AdapterError("is a DoRA adapter, whose magnitudes depend on the full delta; "
+                           "resize cannot keep them", path=config.path)  # fmt: skip
+    if config.lora_bias or any(m.lora_b_bias is not None for m in adapter.modules.values()):
+        raise AdapterError("has lora_B biases (lora_bias), which resize does not support",
+                           path=config.path)  # fmt: skip
+    if not adapter.modules:
+        raise AdapterError("holds no LoRA modules to resize", path=config.path)
+
+
+def _alpha(lora: LoraModule, rank: int, rslora: bool) -> float:
+    """The alpha that keeps the module's scaling at the new rank."""
+    return lora.scaling * (math.sqrt(rank) if rslora else rank)
+
+
+def _write(
+    adapter: Adapter, ranks: list[int], out: Path, dtype: str | None, device: torch.device,
+    files: TensorFiles, overwrite: bool, progress: ProgressCallback | None,
+) -> tuple[list[ModuleReport], dict[str, Any]]:  # fmt: skip
+    from .lowrank import stored_rel_error
+    from .reader import torch_dtype
+
+    modules = list(adapter.modules.values())
+    planned, rows = [], []
+    for lora, k in zip(modules, ranks, strict=True):
+        key_a, key_b = lora_keys(lora.module, embedding=lora.embedding)
+        code = dtype or lora.lora_a.dtype
+        a_shape, b_shape = lora.lora_a.shape, lora.lora_b.shape
+        planned += [OutputTensor(key_a, code, (k, *a_shape[1:])),
+                    OutputTensor(key_b, code, (b_shape[0], k, *b_shape[2:]))]  # fmt: skip
+    copies = [*adapter.replacements.values(), *(t for _, t in adapter.token_rows.values())]
+    planned += [OutputTensor(info.name, info.dtype, info.shape) for info in copies]
+    alphas = {}
+    with AdapterWriter(out, planned, overwrite=overwrite) as writer:
+        for i, (lora, k) in enumerate(zip(modules, ranks, strict=True)):
+            svd = _decompose(files, lora, device, k)
+            a, b = svd.factors(k, lora.scaling)
+            stored = torch_dtype(dtype or lora.lora_a.dtype)
+            a, b = a.to(stored), b.to(stored)
+            error = stored_rel_error(svd, k, a, b, lora.scaling)
+            alphas[lora.module] = _alpha(lora, k, adapter.config.use_rslora)
+            rows.append(ModuleReport(lora.module, list(_shape(lora)), k, alphas[lora.module],
+                                     error, 1 - error * error))  # fmt: skip
+            key_a, key_b = lora_keys(lora.module, embedding=lora.embedding)
+            writer.write(key_a, a.reshape(k, *lora.lora_a.shape[1:]).cpu())
+            writer.write(key_b, b.reshape(lora.lora_b.shape[0], k, *lora.lora_b.shape[2:]).cpu())
+            if progress is not None:
+                progress(len(modules) + i + 1, 2 * len(modules))
+        for info in copies:
+            writer.copy(info.name, info, files)
+        config = dict(adapter.config.raw)
+        config.update(rank_config({m.module: k for m, k in zip(modules, ranks, strict=True)},
+                                  alphas), inference_mode=True)  # fmt: skip
+        writer.commit(config)
+    return rows, config
+
+
+def resize(
+    adapter: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    rank: int | None = None,
+    rank_method: str = "fixed",
+    energy: float | None = None,
+    param_budget: int | None = None,
+    min_rank: int = 1,
+    max_rank: int | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+) -> ResizeReport:
+    """Write ``adapter`` with new per-module ranks, each module the best approximation of its
+    delta ``scaling · B @ A`` at its rank (the exact truncated SVD of the product).
+
+    Ranks as in ``extract``: ``fixed`` (``rank``), ``energy`` (the smallest rank keeping
+    fraction ``energy`` of each delta's squared norm) or ``budget`` (``param_budget`` LoRA
+    parameters in total, spent where they remove the most squared error), within
+    ``min_rank``..``max_rank`` and never above a module's input rank (lossless there). Each
+    module keeps its scaling (alpha is rescaled with the rank; rslora is kept), singular values
+    are split evenly between A and B, whole tensors are copied unchanged. Nothing is at
+    ``out`` unless it returns.
+
+    Raises:
+        LocationError, AdapterError, OptionError, OutputError.
+    """
+    from . import lowrank
+    from .ops import resolve_device
+
+    started = time.monotonic()
+    method = lowrank.check_rank_selection(rank_method, rank, energy, param_budget, min_rank,
+                                          max_rank)  # fmt: skip
+    if method is lowrank.RankMethod.FIXED and rank is None:
+        raise OptionError("give --rank R", hint="or --rank-method energy/budget")
+    try:
+        code = DType(dtype).code
+    except ValueError:
+        raise OptionError(f"unknown dtype {dtype!r}") from None
+    location = resolve(adapter, role=Role.ADAPTER)
+    out_path = Path(out)
+    check_output_path(out_path, [location.path], overwrite=overwrite)
+    compute = resolve_device(device)
+    with open_adapter(location.path, file_targets=True) as opened, TensorFiles() as files:
+        _refuse_unsupported(opened)
+        spectra = _spectra(opened, files, compute, progress)
+        ranks = lowrank.select_ranks(
+            spectra, [_shape(m) for m in opened.modules.values()], method=method,
+            rank=rank or 1, energy=energy, param_budget=param_budget, min_rank=min_rank,
+            max_rank=max_rank,
+        )  # fmt: skip
+        rows, _ = _write(opened, ranks, out_path, code, compute, files, overwrite, progress)
+        before = sum(m.rank * sum(_shape(m)) for m in opened.modules.values())
+    notes = [f"{len(opened.ignored)} LoRA modules the config does not select were left out, "
+             "as PEFT ignores them"] if opened.ignored else []  # fmt: skip
+    for note in notes:
+        logger.warning(note)
+    return ResizeReport(
+        out_path, rows, sum(r.rank * sum(r.shape) for r in rows), before, method.value,
+        time.monotonic() - started, notes,
+    )  # fmt: skip
