@@ -46,7 +46,7 @@ What it does
    Prints the median and worst ratio tool error / optimum per tool, and how
    far lorasurgeon's ``--report`` rel_error is from the measured one.
 5. Flat spectra, the randomized SVD's worst case: on unstructured Gaussian
-   matrices (``--flat-shapes``) ``lorasurgeon.ops.truncated_svd`` randomized
+   matrices (``--flat-shapes``) ``lorasurgeon.lowrank.truncated_svd`` randomized
    against exact at the same rank: error ratio and captured-energy ratio.
 6. Prints a table (wall median and min-max, CPU s, peak RSS, speedup against
    mergekit, error / optimum) and the issue's targets: mergekit / lorasurgeon
@@ -545,16 +545,16 @@ def flat_spectrum(shapes: list[tuple[int, int]], seeds: int, rank: int) -> list[
     """Randomized vs exact ``truncated_svd`` on Gaussian matrices (no structure at all)."""
     import torch
 
-    from lorasurgeon import ops
+    from lorasurgeon import lowrank
 
     rows = []
     for shape in shapes:
         for seed in range(seeds):
             a = torch.randn(shape, generator=torch.Generator().manual_seed(1000 + seed))
             row = {"shape": list(shape), "seed": seed}
-            for method in (ops.SvdMethod.EXACT, ops.SvdMethod.RANDOMIZED):
+            for method in (lowrank.SvdMethod.EXACT, lowrank.SvdMethod.RANDOMIZED):
                 start = time.perf_counter()
-                svd = ops.truncated_svd(a, rank, method=method)
+                svd = lowrank.truncated_svd(a, rank, method=method)
                 row[method.value] = {
                     "rel_error": svd.rel_error(rank),
                     "energy_kept": svd.energy_kept(rank),

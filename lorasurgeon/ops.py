@@ -291,5 +291,3 @@ def _check_combination(
         raise OptionError(f"density must be in (0, 1], not {density}")
     if method.random and density < 1 and (masks is None or len(masks) != len(tensors)):
         raise OptionError(f"{method.value} needs one random mask per tensor")
-
-
