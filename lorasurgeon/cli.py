@@ -491,7 +491,7 @@ def _ranks(ranks: Sequence[int]) -> str:
     type=click.Choice([d.value for d in api.DType]),
     default="auto",
     show_default=True,
-    help="dtype of the stored factors; auto: the first adapter's.",
+    help="dtype of the stored factors; auto: float32, as PEFT saves them.",
 )
 @click.option(
     "--report",

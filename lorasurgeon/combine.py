@@ -299,7 +299,7 @@ def _plan_modules(adapters: Sequence[Adapter], options: _Options) -> list[Planne
         first = sources[0].lora
         shape = (first.lora_b.shape[0], math.prod(first.lora_a.shape[1:]))
         rank = _output_rank(name, sources, options, shape, svd_rank, adapters)
-        dtype = options.dtype or first.lora_a.dtype
+        dtype = options.dtype or "F32"  # PEFT's: it computes on float32 copies
         planned.append(PlannedModule(name, tuple(sources), rank, shape, dtype))
     if not planned:
         raise OptionError("the adapters hold no LoRA modules to combine")
@@ -635,7 +635,7 @@ def combine(
         svd: the ``_svd`` variant; rank: its rank (default: the largest input rank).
         clamp: quantile Q to clamp the SVD factors at; density: the fraction pruning keeps.
         majority_sign: ``total`` or ``frequency`` (ties, dare_ties).
-        dtype: factor dtype; ``auto`` is each module's first adapter's.
+        dtype: factor dtype; ``auto`` is float32, as PEFT saves combinations.
         masks: replays DARE masks instead of drawing them (see ``MaskSource``).
 
     Raises:

@@ -152,12 +152,19 @@ def test_factor_wise_methods_match_peft_tensors(
     assert_same_tensors(loaded_by_peft(llama_fp32, tmp_path / "out"), expected)
 
 
-def test_cat_is_peft_without_its_zero_padding(llama_fp32: TinyBase, tmp_path: Path) -> None:
-    adapters = [
-        make_adapter(llama_fp32, FIRST, tmp_path / "a0", seed=1),
-        make_adapter(llama_fp32, lora("q_proj", "k_proj", r=8, lora_alpha=8), tmp_path / "a1",
-                     seed=2),
-    ]  # fmt: skip
+@pytest.fixture(scope="module")
+def mixed_ranks(llama_fp32: TinyBase, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("combine-mixed")
+    return [
+        make_adapter(llama_fp32, FIRST, root / "a0", seed=1),
+        make_adapter(llama_fp32, lora("q_proj", "k_proj", r=8, lora_alpha=8), root / "a1", seed=2),
+    ]
+
+
+def test_cat_is_peft_without_its_zero_padding(
+    llama_fp32: TinyBase, mixed_ranks: list[Path], tmp_path: Path
+) -> None:
+    adapters = mixed_ranks
     run(adapters, tmp_path / "out", weights=WEIGHTS, method="cat")
     ours = loaded_by_peft(llama_fp32, tmp_path / "out")
     peft = peft_combine(llama_fp32, adapters, WEIGHTS, "cat")
@@ -200,6 +207,16 @@ def test_svd_methods_match_peft_updates(
         for module, factors in ours.items():
             assert rel(effective(factors), exact[module]) <= FP32_REL_TOL
             assert factors[0].shape[0] <= 8  # the true rank, not 16 (PEFT: 16, zero-padded)
+
+
+@pytest.mark.parametrize("rank", [None, 5])
+def test_svd_of_mixed_ranks_matches_peft(
+    llama_fp32: TinyBase, mixed_ranks: list[Path], tmp_path: Path, rank: int | None
+) -> None:
+    run(mixed_ranks, tmp_path / "out", weights=WEIGHTS, svd=True, rank=rank)
+    ours = loaded_by_peft(llama_fp32, tmp_path / "out")
+    assert_same_updates(ours, peft_combine(llama_fp32, mixed_ranks, WEIGHTS, "svd", svd_rank=rank))
+    assert ours["model.layers.0.self_attn.o_proj"][0].shape[0] == 4  # only the r=4 adapter
 
 
 @contextmanager
