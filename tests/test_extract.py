@@ -230,3 +230,20 @@ def test_gpu_extract_matches_cpu(llama_fp32: TinyBase, noisy: Path, tmp_path: Pa
     gpu = lorasurgeon.extract(llama_fp32.path, noisy, tmp_path / "g", rank=4, device="cuda")
     for c, g in zip(cpu.modules, gpu.modules, strict=True):
         assert c.module == g.module and g.rel_error == pytest.approx(c.rel_error, rel=1e-3)
+
+
+def test_cpu_delta_by_blocks_equals_the_plain_difference(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from lorasurgeon.reader import TensorInfo
+
+    extract_module = importlib.import_module("lorasurgeon.extract")  # the package re-exports
+
+    monkeypatch.setattr(extract_module, "_DELTA_BLOCK", 40)  # several blocks, a ragged last one
+    gen = torch.Generator().manual_seed(7)
+    base = torch.randn(23, 9, generator=gen).bfloat16()
+    tuned = (base.float() + 0.01 * torch.randn(23, 9, generator=gen)).bfloat16()
+    info = TensorInfo("w.weight", Path("x"), "BF16", (23, 9), 0, 23 * 9 * 2)
+    module = extract_module.ExtractModule("w", info, info, "linear")
+    delta = extract_module._delta_matrix(module, base, tuned, torch.empty(23 * 9 + 5))
+    assert torch.equal(delta, tuned.float() - base.float())
