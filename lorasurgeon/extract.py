@@ -57,6 +57,8 @@ ProgressCallback = Callable[[int, int], None]
 DEFAULT_MAX_RANK = 128
 # Elements per block of the CPU delta computation (1 MiB of float32: stays in cache).
 _DELTA_BLOCK = 1 << 18
+# Elements per chunk when tensors outside the adapter are compared (16 MiB as float64).
+_COMPARE_CHUNK = 1 << 21
 _EMBEDDING_MODULES = tuple(n.removesuffix(".weight") for n in INPUT_EMBEDDING_NAMES) + (
     "wpe", "embed_positions", "position_embeddings",
 )  # fmt: skip
@@ -316,6 +318,9 @@ def _decompose(
     buffers = BufferPool(largest, 2 * 3)  # prefetch depth 2: three pairs at most
     work = torch.empty(max(m.base.numel for m in plan.modules), device=device)
     with TensorFiles() as files:
+        for pair in (*plan.others, *plan.saved):  # compared at the end: read ahead meanwhile
+            for info in pair:
+                files.advise(info)
 
         def load(m: ExtractModule) -> tuple[bytearray, bytearray]:
             pair = buffers.acquire(stop), buffers.acquire(stop)
@@ -396,23 +401,41 @@ def _config(
     }
 
 
+def _squared_difference(base: TensorInfo, tuned: TensorInfo, files: TensorFiles) -> float | None:
+    """||tuned - base||_F² in float64, None when the stored bytes are equal; read by chunks,
+    so that memory stays small even for embeddings."""
+    import torch
+
+    from .reader import DTYPE_SIZES, torch_dtype
+
+    equal, energy = base.dtype == tuned.dtype, 0.0
+    sizes = DTYPE_SIZES[base.dtype], DTYPE_SIZES[tuned.dtype]
+    buffers = [bytearray(min(_COMPARE_CHUNK, base.numel) * size) for size in sizes]
+    for start in range(0, base.numel, _COMPARE_CHUNK):
+        count = min(_COMPARE_CHUNK, base.numel - start)
+        views = [memoryview(buf)[: count * size] for buf, size in zip(buffers, sizes, strict=True)]
+        for info, view, size in zip((base, tuned), views, sizes, strict=True):
+            files.read_into(info, view, start=start * size)
+        if equal and views[0] == views[1]:
+            continue
+        equal = False
+        chunks = [torch.frombuffer(view, dtype=torch_dtype(info.dtype)).to(torch.float64)
+                  for view, info in zip(views, (base, tuned), strict=True)]  # fmt: skip
+        energy += float(torch.linalg.vecdot(chunks[1] - chunks[0], chunks[1] - chunks[0]))
+    return None if equal else energy
+
+
 def _not_in_adapter(
     plan: ExtractPlan, files: TensorFiles, module_energy: float
 ) -> list[dict[str, Any]]:
     """Tensors that differ between the checkpoints but are not in the adapter, with their share
     of the whole update's squared norm."""
-    import torch
-
     changed: list[tuple[str, float]] = []
     for b, t in plan.others:
-        if b.dtype == t.dtype and files.read(b) == files.read(t):
-            continue
-        diff = files.load(t).to(torch.float64) - files.load(b).to(torch.float64)
-        changed.append((b.name, float(diff.square().sum())))
-    saved = sum(
-        float((files.load(t).double() - files.load(b).double()).square().sum())
-        for b, t in plan.saved
-    )
+        energy = _squared_difference(b, t, files)
+        if energy is not None:
+            changed.append((b.name, energy))
+    saved = sum(_squared_difference(b, t, files) or 0.0 for b, t in plan.saved)
     total = module_energy + saved + sum(e for _, e in changed)
     rows = [
         {"tensor": name, "share": (e / total if total else 0.0)}

@@ -41,8 +41,8 @@ _SVD_SEED = 0
 _CUDA_SVD_DRIVER: str | None = None
 
 _E = TypeVar("_E", bound=Enum)
-# Rows of a matrix are converted to float64 in blocks of about this many elements (32 MiB).
-_BLOCK_ELEMENTS = 1 << 22
+# Rows of a matrix are converted to float64 in blocks of about this many elements (8 MiB).
+_BLOCK_ELEMENTS = 1 << 20
 
 
 class SvdMethod(str, Enum):
@@ -205,8 +205,10 @@ def _rayleigh_ritz(
     projected = torch.zeros(q.shape[1], a.shape[1], dtype=torch.float64, device=a.device)
     total = torch.zeros((), dtype=torch.float64, device=a.device)
     rows = max(1, _BLOCK_ELEMENTS // a.shape[1])
+    scratch = torch.empty(min(rows, a.shape[0]), a.shape[1], dtype=torch.float64, device=a.device)
     for start in range(0, a.shape[0], rows):  # blocks: only one block of a is ever float64
-        block = a[start : start + rows].to(torch.float64)
+        block = scratch[: min(rows, a.shape[0] - start)]
+        block.copy_(a[start : start + rows])
         projected.addmm_(q[start : start + rows].mT, block)
         total += torch.linalg.vecdot(block.reshape(-1), block.reshape(-1))
     u_b, s, vh = torch.linalg.svd(projected, full_matrices=False)

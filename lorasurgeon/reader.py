@@ -300,13 +300,23 @@ class TensorFiles:
                 self._fds[path] = fd
             return fd
 
-    def read_into(self, info: TensorInfo, buffer: bytearray | memoryview) -> None:
-        """Fill ``buffer`` (exactly ``info.nbytes`` long) with the tensor's stored bytes."""
+    def read_into(
+        self, info: TensorInfo, buffer: bytearray | memoryview, *, start: int | None = None
+    ) -> None:
+        """Fill ``buffer`` with the tensor's stored bytes: all of them (``buffer`` exactly
+        ``info.nbytes`` long), or with ``start`` the ``len(buffer)`` bytes from that byte of
+        the tensor on."""
         fd = self.fd(info.path)
         view = memoryview(buffer).cast("B")
+        size = info.nbytes if start is None else len(view)
+        first = 0 if start is None else start
+        if first < 0 or first + size > info.nbytes:
+            raise ValueError(f"bytes {first}..{first + size} are outside the tensor {info.name}")
         done = 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done : done + _READ_BLOCK]], info.offset + done)
+        while done < size:
+            n = os.preadv(
+                fd, [view[done : min(done + _READ_BLOCK, size)]], info.offset + first + done
+            )
             if n <= 0:
                 raise CheckpointError("file ended early", path=info.path, tensor=info.name)
             done += n

@@ -371,6 +371,18 @@ def test_hub_repo_ids_merge_like_local_paths(hub_cache: Path, tmp_path: Path) ->
     assert hub == local
 
 
+def test_hub_repo_ids_combine_and_resize_like_local_paths(hub_cache: Path, tmp_path: Path) -> None:
+    hub_id = "acme/tiny-lora@" + "b" * 40
+    for name, source in (("hub", hub_id), ("local", FIXTURES / "adapter")):
+        lorasurgeon.combine([source, source], tmp_path / f"{name}-mix", method="cat")
+        lorasurgeon.resize(source, tmp_path / f"{name}-small", rank=2)
+    for kind in ("mix", "small"):
+        hub = {Path(k).name: v for k, v in digest(tmp_path / f"hub-{kind}").items()}
+        local = {Path(k).name: v for k, v in digest(tmp_path / f"local-{kind}").items()}
+        assert hub and hub.keys() == local.keys()
+        assert hub["adapter_model.safetensors"] == local["adapter_model.safetensors"]
+
+
 def test_hub_inspect_reads_the_cached_adapter(hub_cache: Path) -> None:
     summary = lorasurgeon.summarize("acme/tiny-lora")
     assert summary.kind == "adapter" and summary.r == 8 and len(summary.modules) == 14

@@ -247,3 +247,36 @@ def test_cpu_delta_by_blocks_equals_the_plain_difference(monkeypatch: pytest.Mon
     module = extract_module.ExtractModule("w", info, info, "linear")
     delta = extract_module._delta_matrix(module, base, tuned, torch.empty(23 * 9 + 5))
     assert torch.equal(delta, tuned.float() - base.float())
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 21])
+def test_differences_outside_the_adapter_are_summed_by_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    import importlib
+
+    from safetensors.torch import save_file
+
+    from lorasurgeon.reader import TensorFiles, open_checkpoint
+
+    extract_module = importlib.import_module("lorasurgeon.extract")
+    monkeypatch.setattr(extract_module, "_COMPARE_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(8)
+    base = {"same": torch.randn(10, 5, generator=gen), "moved": torch.randn(10, 5, generator=gen)}
+    tuned = {"same": base["same"].clone(), "moved": base["moved"].clone()}
+    tuned["moved"][9, 4] += 0.5  # in the last chunk only
+    base["cast"] = base["same"].clone()
+    tuned["cast"] = base["cast"].bfloat16()  # nearly equal values, another dtype
+    save_file(base, tmp_path / "b.safetensors")
+    save_file(tuned, tmp_path / "t.safetensors")
+    with (
+        open_checkpoint(tmp_path / "b.safetensors") as b,
+        open_checkpoint(tmp_path / "t.safetensors") as t,
+        TensorFiles() as files,
+    ):
+        energy = {n: extract_module._squared_difference(b.tensors[n], t.tensors[n], files)
+                  for n in base}  # fmt: skip
+    assert energy["same"] is None
+    assert energy["moved"] == pytest.approx(0.25, rel=1e-12)
+    exact = float((base["same"].bfloat16().double() - base["same"].double()).square().sum())
+    assert energy["cast"] == pytest.approx(exact, rel=1e-12)
