@@ -57,6 +57,8 @@ ProgressCallback = Callable[[int, int], None]
 DEFAULT_MAX_RANK = 128
 # Elements per block of the CPU delta computation (1 MiB of float32: stays in cache).
 _DELTA_BLOCK = 1 << 18
+# Bytes of the first modules read ahead while torch is imported.
+_READ_AHEAD_BYTES = 1 << 30
 # Elements per chunk when tensors outside the adapter are compared (16 MiB as float64).
 _COMPARE_CHUNK = 1 << 21
 _EMBEDDING_MODULES = tuple(n.removesuffix(".weight") for n in INPUT_EMBEDDING_NAMES) + (
@@ -348,6 +350,19 @@ def _decompose(
     return results, skipped
 
 
+def _read_ahead(plan: ExtractPlan) -> None:
+    """Ask the kernel to read the first modules' tensors into the page cache, asynchronously
+    (``posix_fadvise(WILLNEED)``, at most ``_READ_AHEAD_BYTES``)."""
+    started = 0
+    with TensorFiles() as files:
+        for m in plan.modules:
+            if started >= _READ_AHEAD_BYTES:
+                break
+            files.advise(m.base)
+            files.advise(m.tuned)
+            started += m.base.nbytes + m.tuned.nbytes
+
+
 def _same_bytes(m: ExtractModule, b: bytearray, t: bytearray) -> bool:
     if m.base.dtype != m.tuned.dtype:
         return False
@@ -518,6 +533,7 @@ def extract(
     )  # fmt: skip
     out_path = Path(out)
     check_output_path(out_path, [plan.base.path, plan.tuned.path], overwrite=overwrite)
+    _read_ahead(plan)  # the disk starts on the first modules while torch is imported
     from . import lowrank, ops
     from .reader import torch_dtype
 
