@@ -320,6 +320,7 @@ def _plan_copies(adapters: Sequence[Adapter]) -> list[TensorInfo]:
     chosen: dict[str, tuple[int, TensorInfo]] = {}
     with TensorFiles() as files:
         for i, adapter in enumerate(adapters):
+            base_copies = {adapter.replacements[n].name for n in adapter.embedding_copies}
             infos = [*adapter.replacements.values(), *(t for _, t in adapter.token_rows.values())]
             for info in infos:
                 if info.name not in chosen:
@@ -328,7 +329,7 @@ def _plan_copies(adapters: Sequence[Adapter]) -> list[TensorInfo]:
                 other = adapters[chosen[info.name][0]]
                 if _same_bytes(chosen[info.name][1], info, files):
                     continue
-                base_copy = any(info.name.endswith(n) for n in adapter.embedding_copies)
+                base_copy = info.name in base_copies
                 raise IncompatibleError(
                     f"also stored whole, with other values, in {other.path}"
                     + ("; the adapters were trained on different base embeddings" if base_copy

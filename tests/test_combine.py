@@ -497,3 +497,16 @@ def test_one_adapter_is_scaled_as_peft_does(
     single = loaded_by_peft(llama_fp32, pair[0])
     for module, factors in ours.items():
         assert rel(effective(factors), 0.5 * effective(single[module])) <= FP32_REL_TOL
+
+
+def test_adapters_saved_with_different_base_embeddings_are_refused(
+    llama_fp32: TinyBase, tmp_path: Path
+) -> None:
+    from tests.conftest import _tiny_llama
+
+    config = lora("embed_tokens", "q_proj")
+    mine = make_adapter(llama_fp32, config, tmp_path / "a0", seed=95)
+    other_base = make_adapter(lambda: _tiny_llama(seed=5), config, tmp_path / "a1", seed=96)
+    with pytest.raises(IncompatibleError, match="different base embeddings"):
+        run([mine, other_base], tmp_path / "out", method="cat")
+    run([mine, mine], tmp_path / "same", method="cat")  # the same base copy twice is fine
