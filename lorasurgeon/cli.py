@@ -78,18 +78,37 @@ def _compute_options(f: F) -> F:
     return f
 
 
+_ADAPTER_OUTPUT = click.option(
+    "-o", "--output", "out", required=True, metavar="OUT",
+    help="The PEFT adapter directory to write.",
+)  # fmt: skip
+_REPORT = click.option(
+    "--report", "report_path", default=None, metavar="FILE.json",
+    help="Write the per-module figures as JSON.",
+)  # fmt: skip
+
+
+def _dtype_option(help_text: str) -> Callable[[F], F]:
+    return click.option(
+        "--dtype", type=click.Choice([d.value for d in api.DType]), default="auto",
+        show_default=True, help=help_text,
+    )  # fmt: skip
+
+
+def _check_weights(weights: Sequence[float], adapters: Sequence[str]) -> None:
+    if weights and len(weights) != len(adapters):
+        raise click.UsageError(
+            f"--weight was given {len(weights)} times for {len(adapters)} adapters; "
+            "give it once per adapter, in order"
+        )
+
+
 def _rank_selection_options(max_default: str) -> Callable[[F], F]:
     """--rank-method, --energy, --param-budget, --min-rank, --max-rank and --report (listed in
     this order): shared by extract and resize."""
 
     def decorate(f: F) -> F:
-        f = click.option(
-            "--report",
-            "report_path",
-            default=None,
-            metavar="FILE.json",
-            help="Write the per-module figures as JSON.",
-        )(f)
+        f = _REPORT(f)
         f = click.option(
             "--max-rank",
             type=click.IntRange(min=1),
@@ -196,13 +215,7 @@ def cli() -> None:
     help="Scale of each adapter's update, once per adapter, in order [default: 1.0].",
 )
 @click.option("--unmerge", is_flag=True, help="Subtract the updates instead (undo a merge).")
-@click.option(
-    "--dtype",
-    type=click.Choice([d.value for d in api.DType]),
-    default="auto",
-    show_default=True,
-    help="Output dtype of floating-point tensors; auto keeps each tensor's dtype.",
-)
+@_dtype_option("Output dtype of floating-point tensors; auto keeps each tensor's dtype.")
 @click.option(
     "--max-shard-size",
     type=SizeParam(),
@@ -229,11 +242,7 @@ def merge(
       lorasurgeon merge base/ style/ subject/ --weight 0.7 --weight 0.4 -o mixed
       lorasurgeon merge merged/ fixtures/adapter --unmerge -o restored
     """
-    if weights and len(weights) != len(adapters):
-        raise click.UsageError(
-            f"--weight was given {len(weights)} times for {len(adapters)} adapters; "
-            "give it once per adapter, in order"
-        )
+    _check_weights(weights, adapters)
     options = dict(weights=list(weights) or None, unmerge=unmerge, dtype=dtype,
                    max_shard_size=max_shard_size)  # fmt: skip
     if dry_run:
@@ -275,14 +284,7 @@ def _split(text: str | None) -> list[str] | None:
 @cli.command()
 @click.argument("base")
 @click.argument("tuned")
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    required=True,
-    metavar="OUT",
-    help="The PEFT adapter directory to write.",
-)
+@_ADAPTER_OUTPUT
 @click.option(
     "--rank",
     type=click.IntRange(min=1),
@@ -335,13 +337,7 @@ def _split(text: str | None) -> list[str] | None:
     metavar="LIST",
     help="Modules stored whole instead, e.g. embed_tokens,lm_head.",
 )
-@click.option(
-    "--dtype",
-    type=click.Choice([d.value for d in api.DType]),
-    default="auto",
-    show_default=True,
-    help="dtype of the stored factors; auto: the base weight's.",
-)
+@_dtype_option("dtype of the stored factors; auto: the base weight's.")
 @_compute_options
 def extract(
     base: str, tuned: str, out: str, rank: int, alpha: float | None, target_modules: str,
@@ -426,14 +422,7 @@ def _ranks(ranks: Sequence[int]) -> str:
 
 @cli.command()
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...")
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    required=True,
-    metavar="OUT",
-    help="The PEFT adapter directory to write.",
-)
+@_ADAPTER_OUTPUT
 @click.option(
     "--weight",
     "weights",
@@ -486,20 +475,8 @@ def _ranks(ranks: Sequence[int]) -> str:
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seed of the DARE random masks."
 )
-@click.option(
-    "--dtype",
-    type=click.Choice([d.value for d in api.DType]),
-    default="auto",
-    show_default=True,
-    help="dtype of the stored factors; auto: float32, as PEFT saves them.",
-)
-@click.option(
-    "--report",
-    "report_path",
-    default=None,
-    metavar="FILE.json",
-    help="Write the per-module figures as JSON.",
-)
+@_dtype_option("dtype of the stored factors; auto: float32, as PEFT saves them.")
+@_REPORT
 @_compute_options
 def combine(
     adapters: tuple[str, ...], out: str, weights: tuple[float, ...], method: str, svd: bool,
@@ -522,11 +499,7 @@ def combine(
       lorasurgeon combine a/ b/ c/ --svd --rank 16 -o abc
       lorasurgeon combine a/ b/ --method ties --density 0.5 --svd -o ab-ties
     """
-    if weights and len(weights) != len(adapters):
-        raise click.UsageError(
-            f"--weight was given {len(weights)} times for {len(adapters)} adapters; "
-            "give it once per adapter, in order"
-        )
+    _check_weights(weights, adapters)
     bar = _Bar(quiet, "combine", unit="module")
     try:
         report = api.combine(
@@ -555,14 +528,7 @@ def combine(
 
 @cli.command()
 @click.argument("adapter")
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    required=True,
-    metavar="OUT",
-    help="The PEFT adapter directory to write.",
-)
+@_ADAPTER_OUTPUT
 @click.option(
     "--rank",
     type=click.IntRange(min=1),
@@ -570,13 +536,7 @@ def combine(
     help="New rank of every module (fixed); modules already at or below it stay lossless.",
 )
 @_rank_selection_options("the input rank")
-@click.option(
-    "--dtype",
-    type=click.Choice([d.value for d in api.DType]),
-    default="auto",
-    show_default=True,
-    help="dtype of the stored factors; auto: the input's.",
-)
+@_dtype_option("dtype of the stored factors; auto: the input's.")
 @_compute_options
 def resize(
     adapter: str, out: str, rank: int | None, rank_method: str, energy: float | None,

@@ -226,10 +226,7 @@ def _options(
         raise OptionError(f"--density applies to the pruning methods, not to {kind.value}")
     if majority_sign not in ("total", "frequency"):
         raise OptionError(f"majority sign must be total or frequency, not {majority_sign!r}")
-    try:
-        code = DType(dtype).code
-    except ValueError:
-        raise OptionError(f"unknown dtype {dtype!r}") from None
+    code = DType.code_of(dtype)
     return _Options(kind, svd, values, rank, clamp, density or 1.0, majority_sign, code)
 
 
@@ -491,14 +488,12 @@ def _svd_factors(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """PEFT's ``_svd`` variants: the rank-k truncated SVD of the combined delta, all singular
     values in B. A weighted sum is decomposed from its factors, the rest densely."""
-    import torch
 
     from . import lowrank, ops
 
     if plan.method is CombineMethod.LINEAR:
-        left = torch.cat([f.b2.double() * s.coefficient
-                          for f, s in zip(factors, m.sources, strict=True)], dim=1)  # fmt: skip
-        svd = lowrank.product_svd(left, torch.cat([f.a2 for f in factors], dim=0), m.rank)
+        left, right = _exact_sum(m, factors)
+        svd = lowrank.product_svd(left, right, m.rank)
     else:
         deltas = [(f.b2 @ f.a2) * s.lora.scaling for f, s in zip(factors, m.sources, strict=True)]
         shapes = [d.shape for d in deltas]
@@ -533,15 +528,20 @@ def _combine_module(
     return _factor_wise(plan, m, factors, masks, generator)
 
 
-def _departure(m: PlannedModule, factors: Sequence[_Factors], a: Any, b: Any) -> float:
-    """||Σ c_i B_i A_i - B @ A||_F / ||Σ c_i B_i A_i||_F from Gram matrices (float64)."""
+def _exact_sum(m: PlannedModule, factors: Sequence[_Factors]) -> tuple[Any, Any]:
+    """Σ c_i B_i A_i as one product left @ right of stacked float64 factors."""
     import torch
-
-    from .lowrank import relative_distance
 
     left = torch.cat([f.b2.double() * s.coefficient
                       for f, s in zip(factors, m.sources, strict=True)], dim=1)  # fmt: skip
-    right = torch.cat([f.a2.double() for f in factors], dim=0)
+    return left, torch.cat([f.a2.double() for f in factors], dim=0)
+
+
+def _departure(m: PlannedModule, factors: Sequence[_Factors], a: Any, b: Any) -> float:
+    """||Σ c_i B_i A_i - B @ A||_F / ||Σ c_i B_i A_i||_F from Gram matrices (float64)."""
+    from .lowrank import relative_distance
+
+    left, right = _exact_sum(m, factors)
     return relative_distance(left, right, b.reshape(b.shape[0], -1).double(),
                              a.reshape(a.shape[0], -1).double())  # fmt: skip
 

@@ -253,10 +253,7 @@ def _options(
     check_rank_selection(rank_method, rank, energy, param_budget, min_rank, max_rank)
     if svd not in ("exact", "randomized"):
         raise OptionError(f"svd must be exact or randomized, not {svd!r}")
-    try:
-        code = DType(dtype).code
-    except ValueError:
-        raise OptionError(f"unknown dtype {dtype!r}") from None
+    code = DType.code_of(dtype)
     return _Options(rank, alpha, rank_method, energy, param_budget, min_rank, max_rank, svd, code)
 
 

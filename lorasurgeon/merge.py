@@ -396,11 +396,7 @@ def _normalize(
         weights = [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise OptionError(f"{len(weights)} weights given for {len(adapters)} adapters")
-    try:
-        code = DType(dtype).code
-    except ValueError:
-        choices = ", ".join(d.value for d in DType)
-        raise OptionError(f"dtype must be one of {choices}, not {dtype!r}") from None
+    code = DType.code_of(dtype)
     return tuple(float(w) for w in weights), code
 
 

@@ -198,10 +198,7 @@ def resize(
                                           max_rank)  # fmt: skip
     if method is lowrank.RankMethod.FIXED and rank is None:
         raise OptionError("give --rank R", hint="or --rank-method energy/budget")
-    try:
-        code = DType(dtype).code
-    except ValueError:
-        raise OptionError(f"unknown dtype {dtype!r}") from None
+    code = DType.code_of(dtype)
     location = resolve(adapter, role=Role.ADAPTER)
     out_path = Path(out)
     check_output_path(out_path, [location.path], overwrite=overwrite)

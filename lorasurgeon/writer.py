@@ -19,7 +19,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .errors import OutputError
+from .errors import OptionError, OutputError
 from .reader import DTYPE_SIZES, Checkpoint
 
 __all__ = [
@@ -52,6 +52,19 @@ class DType(str, Enum):
     def code(self) -> str | None:
         """The safetensors dtype code, None for auto."""
         return {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(self.value)
+
+    @classmethod
+    def code_of(cls, value: str) -> str | None:
+        """The safetensors code of a dtype choice (None for auto).
+
+        Raises:
+            OptionError: ``value`` is not one of the choices.
+        """
+        try:
+            return cls(value).code
+        except ValueError:
+            choices = ", ".join(d.value for d in cls)
+            raise OptionError(f"dtype must be one of {choices}, not {value!r}") from None
 
 
 @dataclass(frozen=True)
