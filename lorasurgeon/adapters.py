@@ -419,9 +419,8 @@ class ModuleReport:
     energy_kept: float
 
 
-def error_summary(modules: Sequence[ModuleReport]) -> dict[str, float]:
-    """``worst_rel_error`` and ``median_rel_error`` over the modules (0 without modules)."""
-    errors = [m.rel_error for m in modules]
+def error_summary(errors: Sequence[float]) -> dict[str, float]:
+    """``worst_rel_error`` and ``median_rel_error`` of the modules' errors (0 without any)."""
     return {
         "worst_rel_error": max(errors, default=0.0),
         "median_rel_error": statistics.median(errors) if errors else 0.0,

@@ -192,6 +192,7 @@ def cli() -> None:
       lorasurgeon inspect fixtures/adapter
       lorasurgeon merge fixtures/base fixtures/adapter -o merged
       lorasurgeon merge meta-llama/Llama-3.1-8B me/my-lora -o llama-merged
+      lorasurgeon combine me/style-lora me/subject-lora --svd --rank 16 -o mixed
     """
 
 

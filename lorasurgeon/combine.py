@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import re
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from .adapters import (
     Adapter,
     AdapterWriter,
     LoraModule,
+    error_summary,
     lora_keys,
     open_adapter,
     rank_config,
@@ -167,9 +167,7 @@ class CombineReport:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["out"] = str(self.out)
-        errors = [m.rel_error for m in self.modules]
-        data["worst_rel_error"] = max(errors, default=0.0)
-        data["median_rel_error"] = statistics.median(errors) if errors else 0.0
+        data.update(error_summary([m.rel_error for m in self.modules]))
         return data
 
 

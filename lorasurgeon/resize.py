@@ -62,7 +62,7 @@ class ResizeReport:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["out"] = str(self.out)
-        data.update(error_summary(self.modules))
+        data.update(error_summary([m.rel_error for m in self.modules]))
         return data
 
 
