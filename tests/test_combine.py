@@ -521,3 +521,41 @@ def test_adapters_saved_with_different_base_embeddings_are_refused(
     with pytest.raises(IncompatibleError, match="different base embeddings"):
         run([mine, other_base], tmp_path / "out", method="cat")
     run([mine, mine], tmp_path / "same", method="cat")  # the same base copy twice is fine
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_a_failed_combination_leaves_nothing_behind(
+    pair: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    import importlib
+
+    module = importlib.import_module("lorasurgeon.combine")
+    original, calls = module._combine_module, []
+
+    def failing(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 3:
+            raise error
+        return original(*args)
+
+    monkeypatch.setattr(module, "_combine_module", failing)
+    with pytest.raises(type(error)):
+        run(pair, tmp_path / "out", svd=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("options", [{"svd": True}, {"method": "ties", "density": 0.5,
+                                                     "svd": True}, {"method": "cat"}])  # fmt: skip
+def test_gpu_combine_and_resize_match_cpu(pair: list[Path], tmp_path: Path, options: dict) -> None:
+    for device in ("cpu", "cuda"):
+        run(pair, tmp_path / f"mix-{device}", weights=WEIGHTS, device=device, **options)
+        lorasurgeon.resize(pair[1], tmp_path / f"small-{device}", rank=2, device=device)
+    for kind in ("mix", "small"):
+        cpu = load_file(tmp_path / f"{kind}-cpu" / "adapter_model.safetensors")
+        gpu = load_file(tmp_path / f"{kind}-cuda" / "adapter_model.safetensors")
+        assert cpu.keys() == gpu.keys()
+        for key_a in (k for k in cpu if "lora_A" in k):  # updates: vectors depend on gaps
+            key_b = key_a.replace("lora_A", "lora_B")
+            updates = [f[key_b].double() @ f[key_a].double() for f in (gpu, cpu)]
+            assert rel(*updates) <= FP32_REL_TOL, key_a
