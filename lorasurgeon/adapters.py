@@ -226,6 +226,23 @@ class Adapter:
     def close(self) -> None:
         self.checkpoint.close()
 
+    def require_plain_lora(self, command: str) -> None:
+        """Refuse DoRA and lora_bias adapters, which ``command`` (combine, resize) cannot
+        change: DoRA magnitudes are trained for their own full delta and base weights.
+
+        Raises:
+            AdapterError: naming the adapter config.
+        """
+        config = self.config
+        if config.use_dora or any(m.magnitude is not None for m in self.modules.values()):
+            raise AdapterError(
+                f"is a DoRA adapter; its trained magnitudes depend on its own delta and the "
+                f"base weights, so {command} cannot keep them", path=config.path,
+            )  # fmt: skip
+        if config.lora_bias or any(m.lora_b_bias is not None for m in self.modules.values()):
+            raise AdapterError(f"has lora_B biases (lora_bias), which {command} does not support",
+                               path=config.path)  # fmt: skip
+
 
 def _split_lora_key(path: Path, name: str, rest: str) -> tuple[str, str] | None:
     """Split ``<module>.lora_A[.<adapter>].weight`` into (module, part); None if not LoRA."""

@@ -17,23 +17,10 @@ import click
 
 import lorasurgeon as api
 
+from . import render
+
 F = TypeVar("F", bound=Callable[..., Any])
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
-
-
-def _count(n: int) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n:,} ({n / scale:.2f}{unit})"
-    return f"{n:,}"
 
 
 class SizeParam(click.ParamType):  # type: ignore[type-arg]
@@ -247,7 +234,8 @@ def merge(
     options = dict(weights=list(weights) or None, unmerge=unmerge, dtype=dtype,
                    max_shard_size=max_shard_size)  # fmt: skip
     if dry_run:
-        _print_plan(api.plan_merge(base, adapters, out, **options))  # type: ignore[arg-type]
+        plan = api.plan_merge(base, adapters, out, **options)  # type: ignore[arg-type]
+        _echo(render.merge_plan_lines(plan), err=False)
         return
     bar = _Bar(quiet, "merge")
     try:
@@ -257,25 +245,7 @@ def merge(
         )  # fmt: skip
     finally:
         bar.close()
-    click.echo(
-        f"wrote {report.out}: {report.changed} tensors merged, {report.copied} copied, "
-        f"{_size(report.bytes_written)} in {report.seconds:.1f} s",
-        err=True,
-    )
-
-
-def _print_plan(plan: api.MergePlan) -> None:
-    changes = plan.changes
-    verb = "unmerge" if plan.unmerge else "merge"
-    click.echo(f"dry run: {verb} would change {len(changes)} of {len(plan.tensors)} tensors")
-    for name, items in changes.items():
-        click.echo(f"  {name}: {'; '.join(items)}")
-    shards = len(plan.layout.shards)
-    click.echo(
-        f"{len(plan.tensors) - len(changes)} tensors copied unchanged; output: "
-        f"{'one file' if plan.output_is_file else f'{shards} shard(s)'}, "
-        f"{_size(plan.layout.total_size)}; nothing was written"
-    )
+    _echo(render.merge_lines(report))
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -380,33 +350,13 @@ def extract(
         )  # fmt: skip
     finally:
         bar.close()
-    data = report.to_dict()
-    _write_report(report_path, data)
-    for line in _extract_summary(report, data):
-        click.echo(line, err=True)
+    _write_report(report_path, report.to_dict())
+    _echo(render.extract_lines(report))
 
 
-def _extract_summary(report: api.ExtractReport, data: dict[str, Any]) -> list[str]:
-    ranks = [m.rank for m in report.modules]
-    kept = min((m.energy_kept for m in report.modules), default=1.0)
-    lines = [
-        f"wrote {report.out}: {len(report.modules)} modules, {_ranks(ranks)} (total {sum(ranks)}), "
-        f"{_count(report.total_params)} parameters, {report.seconds:.1f} s",
-        f"relative error: worst {data['worst_rel_error']:.4f}, median "
-        f"{data['median_rel_error']:.4f}; energy kept: worst {kept:.4f}",
-    ]
-    if report.skipped_equal:
-        lines.append(f"{report.skipped_equal} selected weights are equal in both and were skipped")
-    if report.saved_modules:
-        lines.append(f"saved whole: {', '.join(report.saved_modules)}")
-    if report.not_in_adapter:
-        share = sum(row["share"] for row in report.not_in_adapter)
-        lines.append(
-            f"{len(report.not_in_adapter)} changed tensors are not in the adapter "
-            f"({share:.2%} of the update; see --report); largest: "
-            f"{report.not_in_adapter[0]['tensor']}"
-        )
-    return lines
+def _echo(lines: Sequence[str], *, err: bool = True) -> None:
+    for line in lines:
+        click.echo(line, err=err)
 
 
 def _write_report(path: str | None, data: dict[str, Any]) -> None:
@@ -414,11 +364,6 @@ def _write_report(path: str | None, data: dict[str, Any]) -> None:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
-
-
-def _ranks(ranks: Sequence[int]) -> str:
-    low, high = min(ranks, default=0), max(ranks, default=0)
-    return f"rank {low}" if low == high else f"ranks {low}-{high}"
 
 
 @cli.command()
@@ -510,21 +455,8 @@ def combine(
         )  # fmt: skip
     finally:
         bar.close()
-    data = report.to_dict()
-    _write_report(report_path, data)
-    shared = sum(1 for m in report.modules if m.adapters > 1)
-    click.echo(
-        f"wrote {report.out}: {report.method} of {len(adapters)} adapters, "
-        f"{len(report.modules)} modules ({shared} shared), "
-        f"{_ranks([m.rank for m in report.modules])}, {_count(report.total_params)} "
-        f"parameters, {report.seconds:.1f} s",
-        err=True,
-    )
-    click.echo(
-        f"distance from the exact weighted sum: worst {data['worst_rel_error']:.4f}, "
-        f"median {data['median_rel_error']:.4f}",
-        err=True,
-    )
+    _write_report(report_path, report.to_dict())
+    _echo(render.combine_lines(report, len(adapters)))
 
 
 @cli.command()
@@ -568,20 +500,8 @@ def resize(
         )  # fmt: skip
     finally:
         bar.close()
-    data = report.to_dict()
-    _write_report(report_path, data)
-    kept = min((m.energy_kept for m in report.modules), default=1.0)
-    click.echo(
-        f"wrote {report.out}: {len(report.modules)} modules, "
-        f"{_ranks([m.rank for m in report.modules])}, {_count(report.total_params)} parameters "
-        f"(was {_count(report.input_params)}), {report.seconds:.1f} s",
-        err=True,
-    )
-    click.echo(
-        f"relative error: worst {data['worst_rel_error']:.4f}, median "
-        f"{data['median_rel_error']:.4f}; energy kept: worst {kept:.4f}",
-        err=True,
-    )
+    _write_report(report_path, report.to_dict())
+    _echo(render.resize_lines(report))
 
 
 @cli.command(name="inspect")
@@ -603,36 +523,7 @@ def inspect_command(location: str, as_json: bool, quiet: bool, debug: bool) -> N
     if as_json:
         click.echo(json.dumps(summary.to_dict(), indent=2))
         return
-    for line in _summary_lines(summary):
-        click.echo(line)
-
-
-def _summary_lines(s: api.Summary) -> list[str]:
-    dtypes = ", ".join(f"{k} {_count(v)}" for k, v in s.dtypes.items())
-    lines = [
-        f"location:   {s.location}", f"kind:       {s.kind}", f"format:     {s.format}",
-        f"tensors:    {s.tensors}", f"parameters: {_count(s.parameters)}",
-        f"size:       {_size(s.size_bytes)}", f"dtypes:     {dtypes}",
-    ]  # fmt: skip
-    if s.model_type:
-        lines.append(f"model_type: {s.model_type}")
-    if s.kind != "adapter":
-        return lines
-    lines += [
-        f"peft_type:  {s.peft_type}", f"r:          {s.r}", f"lora_alpha: {s.lora_alpha:g}",
-        f"rslora:     {s.use_rslora}", f"dora:       {s.use_dora}",
-        f"targets:    {s.target_modules}", f"modules:    {len(s.modules)}",
-    ]  # fmt: skip
-    width = max((len(m.module) for m in s.modules), default=6)
-    lines.append(f"  {'module':<{width}}  rank  alpha  scaling")
-    for m in s.modules:
-        dora = "  dora" if m.dora else ""
-        lines.append(f"  {m.module:<{width}}  {m.rank:>4}  {m.alpha:>5g}  {m.scaling:>7.4g}{dora}")
-    if s.saved_whole:
-        lines.append(f"saved whole: {', '.join(s.saved_whole)}")
-    if s.ignored_modules:
-        lines.append(f"ignored (not selected by the config): {', '.join(s.ignored_modules)}")
-    return lines
+    _echo(render.summary_lines(summary), err=False)
 
 
 class _WarningFormatter(logging.Formatter):

@@ -228,18 +228,6 @@ def _options(
     return _Options(kind, svd, values, rank, clamp, density or 1.0, majority_sign, code)
 
 
-def _refuse_unsupported(adapter: Adapter) -> None:
-    config = adapter.config
-    if config.use_dora or any(m.magnitude is not None for m in adapter.modules.values()):
-        raise AdapterError(
-            "is a DoRA adapter; its trained magnitudes depend on the base weights and cannot "
-            "be combined (PEFT would replace them with the base's)", path=config.path,
-        )  # fmt: skip
-    if config.lora_bias or any(m.lora_b_bias is not None for m in adapter.modules.values()):
-        raise AdapterError("has lora_B biases (lora_bias), which combine does not support",
-                           path=config.path)  # fmt: skip
-
-
 def _natural_key(module: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", module)]
 
@@ -408,7 +396,7 @@ def plan_combine(
     try:
         for loc in locations:
             opened.append(open_adapter(loc.path, file_targets=True))
-            _refuse_unsupported(opened[-1])
+            opened[-1].require_plain_lora("combine")
         modules = _plan_modules(opened, options)
         copies = _plan_copies(opened)
         config = _config(opened, modules)

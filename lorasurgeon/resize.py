@@ -102,18 +102,6 @@ def _spectra(
     return spectra
 
 
-def _refuse_unsupported(adapter: Adapter) -> None:
-    config = adapter.config
-    if config.use_dora or any(m.magnitude is not None for m in adapter.modules.values()):
-        raise AdapterError("is a DoRA adapter, whose magnitudes depend on the full delta; "
-                           "resize cannot keep them", path=config.path)  # fmt: skip
-    if config.lora_bias or any(m.lora_b_bias is not None for m in adapter.modules.values()):
-        raise AdapterError("has lora_B biases (lora_bias), which resize does not support",
-                           path=config.path)  # fmt: skip
-    if not adapter.modules:
-        raise AdapterError("holds no LoRA modules to resize", path=config.path)
-
-
 def _alpha(lora: LoraModule, rank: int, rslora: bool) -> float:
     """The alpha that keeps the module's scaling at the new rank."""
     return lora.scaling * (math.sqrt(rank) if rslora else rank)
@@ -204,7 +192,9 @@ def resize(
     check_output_path(out_path, [location.path], overwrite=overwrite)
     compute = resolve_device(device)
     with open_adapter(location.path, file_targets=True) as opened, TensorFiles() as files:
-        _refuse_unsupported(opened)
+        opened.require_plain_lora("resize")
+        if not opened.modules:
+            raise AdapterError("holds no LoRA modules to resize", path=opened.config.path)
         spectra = _spectra(opened, files, compute, progress)
         ranks = lowrank.select_ranks(
             spectra, [_shape(m) for m in opened.modules.values()], method=method,

@@ -1,0 +1,149 @@
+"""Text renderings of reports, plans and summaries for the command line.
+
+Pure functions from the API's typed results to lines of text; ``cli`` prints them. Nothing
+here prints, reads a file or touches a tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from . import CombineReport, ExtractReport, MergePlan, MergeReport, ResizeReport, Summary
+
+__all__ = [
+    "combine_lines",
+    "count",
+    "extract_lines",
+    "merge_lines",
+    "merge_plan_lines",
+    "resize_lines",
+    "size",
+    "summary_lines",
+]
+
+
+def size(n: float) -> str:
+    """A byte count in decimal units: 512 B, 2.20 GB."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def count(n: int) -> str:
+    """A count with separators and a short form: 16,384 (16.38K)."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n:,} ({n / scale:.2f}{unit})"
+    return f"{n:,}"
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    low, high = min(ranks, default=0), max(ranks, default=0)
+    return f"rank {low}" if low == high else f"ranks {low}-{high}"
+
+
+def _errors(data: dict[str, float], kept: float | None = None) -> str:
+    line = (f"relative error: worst {data['worst_rel_error']:.4f}, median "
+            f"{data['median_rel_error']:.4f}")  # fmt: skip
+    return line if kept is None else f"{line}; energy kept: worst {kept:.4f}"
+
+
+def merge_lines(report: MergeReport) -> list[str]:
+    return [
+        f"wrote {report.out}: {report.changed} tensors merged, {report.copied} copied, "
+        f"{size(report.bytes_written)} in {report.seconds:.1f} s"
+    ]
+
+
+def merge_plan_lines(plan: MergePlan) -> list[str]:
+    """What ``merge --dry-run`` prints: every tensor that would change, and by what."""
+    changes = plan.changes
+    verb = "unmerge" if plan.unmerge else "merge"
+    lines = [f"dry run: {verb} would change {len(changes)} of {len(plan.tensors)} tensors"]
+    lines += [f"  {name}: {'; '.join(items)}" for name, items in changes.items()]
+    shards = len(plan.layout.shards)
+    lines.append(
+        f"{len(plan.tensors) - len(changes)} tensors copied unchanged; output: "
+        f"{'one file' if plan.output_is_file else f'{shards} shard(s)'}, "
+        f"{size(plan.layout.total_size)}; nothing was written"
+    )
+    return lines
+
+
+def extract_lines(report: ExtractReport) -> list[str]:
+    """The summary that ends ``extract``: ranks, errors, what the adapter leaves out."""
+    ranks = [m.rank for m in report.modules]
+    kept = min((m.energy_kept for m in report.modules), default=1.0)
+    lines = [
+        f"wrote {report.out}: {len(report.modules)} modules, {_ranks(ranks)} (total {sum(ranks)}), "
+        f"{count(report.total_params)} parameters, {report.seconds:.1f} s",
+        _errors(report.to_dict(), kept),
+    ]
+    if report.skipped_equal:
+        lines.append(f"{report.skipped_equal} selected weights are equal in both and were skipped")
+    if report.saved_modules:
+        lines.append(f"saved whole: {', '.join(report.saved_modules)}")
+    if report.not_in_adapter:
+        share = sum(row["share"] for row in report.not_in_adapter)
+        lines.append(
+            f"{len(report.not_in_adapter)} changed tensors are not in the adapter "
+            f"({share:.2%} of the update; see --report); largest: "
+            f"{report.not_in_adapter[0]['tensor']}"
+        )
+    return lines
+
+
+def combine_lines(report: CombineReport, adapters: int) -> list[str]:
+    shared = sum(1 for m in report.modules if m.adapters > 1)
+    data = report.to_dict()
+    return [
+        f"wrote {report.out}: {report.method} of {adapters} adapters, "
+        f"{len(report.modules)} modules ({shared} shared), "
+        f"{_ranks([m.rank for m in report.modules])}, {count(report.total_params)} "
+        f"parameters, {report.seconds:.1f} s",
+        f"distance from the exact weighted sum: worst {data['worst_rel_error']:.4f}, "
+        f"median {data['median_rel_error']:.4f}",
+    ]
+
+
+def resize_lines(report: ResizeReport) -> list[str]:
+    kept = min((m.energy_kept for m in report.modules), default=1.0)
+    return [
+        f"wrote {report.out}: {len(report.modules)} modules, "
+        f"{_ranks([m.rank for m in report.modules])}, {count(report.total_params)} parameters "
+        f"(was {count(report.input_params)}), {report.seconds:.1f} s",
+        _errors(report.to_dict(), kept),
+    ]
+
+
+def summary_lines(s: Summary) -> list[str]:
+    """What ``inspect`` prints for a checkpoint or an adapter."""
+    dtypes = ", ".join(f"{k} {count(v)}" for k, v in s.dtypes.items())
+    lines = [
+        f"location:   {s.location}", f"kind:       {s.kind}", f"format:     {s.format}",
+        f"tensors:    {s.tensors}", f"parameters: {count(s.parameters)}",
+        f"size:       {size(s.size_bytes)}", f"dtypes:     {dtypes}",
+    ]  # fmt: skip
+    if s.model_type:
+        lines.append(f"model_type: {s.model_type}")
+    if s.kind != "adapter":
+        return lines
+    lines += [
+        f"peft_type:  {s.peft_type}", f"r:          {s.r}", f"lora_alpha: {s.lora_alpha:g}",
+        f"rslora:     {s.use_rslora}", f"dora:       {s.use_dora}",
+        f"targets:    {s.target_modules}", f"modules:    {len(s.modules)}",
+    ]  # fmt: skip
+    width = max((len(m.module) for m in s.modules), default=6)
+    lines.append(f"  {'module':<{width}}  rank  alpha  scaling")
+    for m in s.modules:
+        dora = "  dora" if m.dora else ""
+        lines.append(f"  {m.module:<{width}}  {m.rank:>4}  {m.alpha:>5g}  {m.scaling:>7.4g}{dora}")
+    if s.saved_whole:
+        lines.append(f"saved whole: {', '.join(s.saved_whole)}")
+    if s.ignored_modules:
+        lines.append(f"ignored (not selected by the config): {', '.join(s.ignored_modules)}")
+    return lines
