@@ -8,6 +8,7 @@ with rslora) with rank_pattern/alpha_pattern overrides. Reads headers only; no t
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -39,6 +40,7 @@ __all__ = [
     "lora_keys",
     "open_adapter",
     "rank_config",
+    "report_dict",
 ]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -434,6 +436,15 @@ class ModuleReport:
     alpha: float
     rel_error: float
     energy_kept: float
+
+
+def report_dict(report: Any) -> dict[str, Any]:
+    """A report dataclass with ``out`` and per-module ``rel_error`` as its JSON object: every
+    field, ``out`` as a string, plus ``worst_rel_error`` and ``median_rel_error``."""
+    data: dict[str, Any] = dataclasses.asdict(report)
+    data["out"] = str(report.out)
+    data.update(error_summary([m.rel_error for m in report.modules]))
+    return data
 
 
 def error_summary(errors: Sequence[float]) -> dict[str, float]:

@@ -16,7 +16,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,10 +25,10 @@ from .adapters import (
     Adapter,
     AdapterWriter,
     LoraModule,
-    error_summary,
     lora_keys,
     open_adapter,
     rank_config,
+    report_dict,
 )
 from .errors import AdapterError, IncompatibleError, OptionError
 from .locations import Location, Role, resolve
@@ -165,10 +165,7 @@ class CombineReport:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["out"] = str(self.out)
-        data.update(error_summary([m.rel_error for m in self.modules]))
-        return data
+        return report_dict(self)
 
 
 # ---------------------------------------------------------------------------------------------

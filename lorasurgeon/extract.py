@@ -14,7 +14,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,8 @@ from .adapters import (
     KEY_PREFIX,
     AdapterWriter,
     ModuleReport,
-    error_summary,
     lora_keys,
+    report_dict,
 )
 from .errors import IncompatibleError, OptionError
 from .locations import Location, Role, resolve
@@ -117,10 +117,7 @@ class ExtractReport:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["out"] = str(self.out)
-        data.update(error_summary([m.rel_error for m in self.modules]))
-        return data
+        return report_dict(self)
 
 
 def _layout(module: str, info: TensorInfo, model_type: str | None) -> str | None:

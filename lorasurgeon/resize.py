@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,10 +24,10 @@ from .adapters import (
     AdapterWriter,
     LoraModule,
     ModuleReport,
-    error_summary,
     lora_keys,
     open_adapter,
     rank_config,
+    report_dict,
 )
 from .errors import AdapterError, OptionError
 from .locations import Role, resolve
@@ -60,10 +60,7 @@ class ResizeReport:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["out"] = str(self.out)
-        data.update(error_summary([m.rel_error for m in self.modules]))
-        return data
+        return report_dict(self)
 
 
 def _shape(lora: LoraModule) -> tuple[int, int]:
