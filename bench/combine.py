@@ -389,12 +389,14 @@ def print_table(
     print(header)
     print("  " + "-" * (len(header) - 2))
     labels = {t.key: t.label for t in tools}
+    skipped = "peft" not in labels and not unavailable
     labels.setdefault("peft", "PEFT add_weighted_adapter svd")
     for key, label in labels.items():
         entry = summary.get(key, {})
         if "wall_s" not in entry:
             reason = peft_failure(summary, unavailable) if key == "peft" else None
             text = f"unavailable: {reason}" if reason else "FAILED"
+            text = "not run (--peft-repeat 0)" if key == "peft" and skipped else text
             print(f"  {label:30} {len(entry.get('runs', [])):>4} {text}")
             continue
         w, r = entry["wall_s"], entry["rss_mb"]
