@@ -71,10 +71,6 @@ class CombineMethod(str, Enum):
         return self not in (CombineMethod.LINEAR, CombineMethod.CAT)
 
     @property
-    def elects_sign(self) -> bool:
-        return self in (CombineMethod.TIES, CombineMethod.DARE_TIES)
-
-    @property
     def random(self) -> bool:
         return self in (CombineMethod.DARE_LINEAR, CombineMethod.DARE_TIES)
 
