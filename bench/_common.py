@@ -625,3 +625,27 @@ def target_line(label: str, value: float | None, text: str, target: str, ok) -> 
     if value is None:
         return f"  {label:34} n/a ({target})"
     return f"  {label:34} {text} ({target})  {'met' if ok(value) else 'NOT met'}"
+
+
+BUSY_WARNING = 0.15  # warn when other processes kept the CPUs this busy before a run
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    """num / den, None when either is missing or zero."""
+    return num / den if num and den else None
+
+
+def stat(summary: dict, key: str, what: str, name: str):
+    """summary[key][what][name] of a summarized benchmark, None where missing."""
+    return summary.get(key, {}).get(what, {}).get(name)
+
+
+def print_busy_note(summary: dict) -> None:
+    """A note under a table when other processes kept the CPUs busy before some run."""
+    busy = [r["extra"].get("busy_before") for e in summary.values() for r in e["runs"]]
+    busy = [b for b in busy if b is not None]
+    if busy and max(busy) > BUSY_WARNING:
+        print(
+            f"  note: other processes kept the CPUs up to {max(busy):.0%} busy just before a "
+            "run; wall times are noisy (CPU s is less affected)"
+        )

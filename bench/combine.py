@@ -77,7 +77,10 @@ from _common import (  # noqa: E402
     ensure_checkpoints,
     parameter_count,
     parse_size,
+    print_busy_note,
+    ratio,
     remove_output,
+    stat,
     subprocess_env,
     target_line,
     write_adapter,
@@ -99,7 +102,6 @@ from merge import python_lib_dirs  # noqa: E402
 TARGET_SPEEDUP = 50.0  # PEFT wall / lorasurgeon wall: at least
 TARGET_RSS_MB = 600.0  # lorasurgeon peak RSS: below
 
-BUSY_WARNING = 0.15  # warn when other processes kept the CPUs this busy
 ADAPTER_SEED = 100  # adapter i is generated from seed ADAPTER_SEED + i
 
 PEFT_SCRIPT = """
@@ -351,14 +353,6 @@ def print_check(rows: list[dict], check: dict, tools: list[Tool], agreement: dic
 # --------------------------------------------------------------------------
 
 
-def _ratio(num: float | None, den: float | None) -> float | None:
-    return num / den if num and den else None
-
-
-def _get(summary: dict, key: str, what: str, stat: str):
-    return summary.get(key, {}).get(what, {}).get(stat)
-
-
 def peft_failure(summary: dict, unavailable: str) -> str | None:
     """Why PEFT has no timing: not importable, or the last line of its failed run."""
     if unavailable:
@@ -375,7 +369,7 @@ def print_table(
     spec: ModelSpec, args: argparse.Namespace, tools: list[Tool], summary: dict, check: dict,
     unavailable: str,
 ) -> None:  # fmt: skip
-    peft_wall = _get(summary, "peft", "wall_s", "median")
+    peft_wall = stat(summary, "peft", "wall_s", "median")
     weights = ", ".join(f"{w:g}" for w in args.weights)
     print(
         f"\n{spec.name}: {parameter_count(spec) / 1e9:.2f}B parameters, bf16 base, "
@@ -402,30 +396,24 @@ def print_table(
         w, r = entry["wall_s"], entry["rss_mb"]
         rng = f"({w['min']:.2f}-{w['max']:.2f})" if w["n"] > 1 else ""
         cpu = f"{entry['cpu_s']['median']:.1f}" if "cpu_s" in entry else "-"
-        speed = _ratio(peft_wall, w["median"])
+        speed = ratio(peft_wall, w["median"])
         err = (check.get(key) or {}).get("worst_ratio")
         flag = " (some runs failed)" if entry["failed"] else ""
         print(
             f"  {label:30} {w['n']:>4} {w['median']:8.2f} {rng:>15} {cpu:>7} {r['max']:11.0f} "
             f"{f'{speed:.1f}x' if speed else '-':>11} {f'{err:.6f}' if err else '-':>13}{flag}"
         )
-    busy = [r["extra"].get("busy_before") for e in summary.values() for r in e["runs"]]
-    busy = [b for b in busy if b is not None]
-    if busy and max(busy) > BUSY_WARNING:
-        print(
-            f"  note: other processes kept the CPUs up to {max(busy):.0%} busy just before a "
-            "run; wall times are noisy (CPU s is less affected)"
-        )
+    print_busy_note(summary)
 
 
 def headline(summary: dict) -> dict:
-    ours_wall = _get(summary, "lorasurgeon", "wall_s", "median")
-    ours_rss = _get(summary, "lorasurgeon", "rss_mb", "max")
+    ours_wall = stat(summary, "lorasurgeon", "wall_s", "median")
+    ours_rss = stat(summary, "lorasurgeon", "rss_mb", "max")
     return {
-        "speedup": _ratio(_get(summary, "peft", "wall_s", "median"), ours_wall),
+        "speedup": ratio(stat(summary, "peft", "wall_s", "median"), ours_wall),
         "ours_wall_s": ours_wall,
         "ours_rss_mb": ours_rss,
-        "peft_vs_ours_rss": _ratio(_get(summary, "peft", "rss_mb", "max"), ours_rss),
+        "peft_vs_ours_rss": ratio(stat(summary, "peft", "rss_mb", "max"), ours_rss),
     }
 
 

@@ -96,7 +96,10 @@ from _common import (  # noqa: E402
     linear_modules,
     parameter_count,
     parse_size,
+    print_busy_note,
+    ratio,
     remove_output,
+    stat,
     subprocess_env,
     summarize,
     target_line,
@@ -111,7 +114,6 @@ TARGET_WALL_S = 19.0  # lorasurgeon wall: below
 TARGET_ERROR = 0.01  # worst (tool error / optimum) - 1: at most
 TARGET_RSS_MB = 1000.0  # lorasurgeon peak RSS: below
 
-BUSY_WARNING = 0.15  # warn when other processes kept the CPUs this busy
 
 # A few-second smoke test of the whole script (``--size tiny``).
 BENCH_SPECS = {
@@ -579,18 +581,10 @@ def flat_spectrum(shapes: list[tuple[int, int]], seeds: int, rank: int) -> list[
 # --------------------------------------------------------------------------
 
 
-def _ratio(num: float | None, den: float | None) -> float | None:
-    return num / den if num and den else None
-
-
-def _get(summary: dict, key: str, what: str, stat: str):
-    return summary.get(key, {}).get(what, {}).get(stat)
-
-
 def print_table(
     spec: ModelSpec, tools: list[Tool], summary: dict, errors: dict, mk: Mergekit, rank: int
 ) -> None:
-    mk_wall = _get(summary, "mergekit", "wall_s", "median")
+    mk_wall = stat(summary, "mergekit", "wall_s", "median")
     print(
         f"\n{spec.name}: {parameter_count(spec) / 1e9:.2f}B parameters, bf16 pair, rank {rank}, "
         "cold page cache"
@@ -611,7 +605,7 @@ def print_table(
         w, r = entry["wall_s"], entry["rss_mb"]
         rng = f"({w['min']:.1f}-{w['max']:.1f})" if w["n"] > 1 else ""
         cpu = f"{entry['cpu_s']['median']:.1f}" if "cpu_s" in entry else "-"
-        speed = _ratio(mk_wall, w["median"])
+        speed = ratio(mk_wall, w["median"])
         vs = f"{speed:.1f}x" if speed else "-"
         flag = " (some runs failed)" if entry["failed"] else ""
         print(
@@ -620,24 +614,18 @@ def print_table(
         )
     if not mk.available:
         print(f"  {'mergekit-extract-lora':28}    - unavailable: {mk.reason}")
-    busy = [r["extra"].get("busy_before") for e in summary.values() for r in e["runs"]]
-    busy = [b for b in busy if b is not None]
-    if busy and max(busy) > BUSY_WARNING:
-        print(
-            f"  note: other processes kept the CPUs up to {max(busy):.0%} busy just before a "
-            "run; wall times are noisy (CPU s is less affected)"
-        )
+    print_busy_note(summary)
 
 
 def headline(summary: dict, errors: dict, flat: list[dict]) -> dict:
-    ours_wall = _get(summary, "lorasurgeon", "wall_s", "median")
+    ours_wall = stat(summary, "lorasurgeon", "wall_s", "median")
     ours_err = errors.get("lorasurgeon") or {}
     return {
-        "speedup": _ratio(_get(summary, "mergekit", "wall_s", "median"), ours_wall),
+        "speedup": ratio(stat(summary, "mergekit", "wall_s", "median"), ours_wall),
         "ours_wall_s": ours_wall,
         "ours_worst_excess": (ours_err["worst_ratio"] - 1) if ours_err else None,
         "ours_median_excess": (ours_err["median_ratio"] - 1) if ours_err else None,
-        "ours_rss_mb": _get(summary, "lorasurgeon", "rss_mb", "max"),
+        "ours_rss_mb": stat(summary, "lorasurgeon", "rss_mb", "max"),
         "flat_worst_excess": max((r["error_ratio"] - 1 for r in flat), default=None),
         "flat_worst_energy_ratio": min((r["energy_ratio"] for r in flat), default=None),
     }

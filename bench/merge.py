@@ -79,7 +79,10 @@ from _common import (  # noqa: E402
     evict,
     parameter_count,
     parse_size,
+    print_busy_note,
+    ratio,
     remove_output,
+    stat,
     subprocess_env,
     summarize,
     target_line,
@@ -93,7 +96,6 @@ TARGET_VS_CP = 2.0  # lorasurgeon wall / cp wall, cold: at most
 TARGET_VS_PEFT = 4.0  # PEFT wall / lorasurgeon wall, cold: at least
 TARGET_RSS_MB = 600.0  # lorasurgeon peak RSS: below
 
-BUSY_WARNING = 0.15  # warn when other processes kept the CPUs this busy
 
 PEFT_SCRIPT = """
 import sys
@@ -483,10 +485,6 @@ def summarize_results(results: dict[tuple[str, str], list[RunResult]]) -> dict:
     return summary
 
 
-def _ratio(num: float | None, den: float | None) -> float | None:
-    return num / den if num and den else None
-
-
 def print_table(
     size: str, spec: ModelSpec, tools: list[Tool], modes: list[str], summary: dict
 ) -> None:
@@ -508,7 +506,7 @@ def print_table(
                 continue
             w, r = entry["wall_s"], entry["rss_mb"]
             rng = f"({w['min']:.2f}-{w['max']:.2f})"
-            vs_cp = _ratio(w["median"], cp)
+            vs_cp = ratio(w["median"], cp)
             vs = f"{vs_cp:.2f}x" if vs_cp else "-"
             cpu = f"{entry['cpu_s']['median']:.1f}" if "cpu_s" in entry else "-"
             flag = " (some runs failed)" if entry["failed"] else ""
@@ -516,27 +514,21 @@ def print_table(
                 f"  {tool.label:24} {mode:5} {w['n']:>4} {w['median']:8.2f} {rng:>15} "
                 f"{cpu:>7} {r['max']:12.0f} {vs:>11}{flag}"
             )
-    busy = [r["extra"].get("busy_before") for e in summary.values() for r in e["runs"]]
-    busy = [b for b in busy if b is not None]
-    if busy and max(busy) > BUSY_WARNING:
-        print(
-            f"  note: other processes kept the CPUs up to {max(busy):.0%} busy just before a "
-            "run; wall times are noisy (CPU s is less affected)"
-        )
+    print_busy_note(summary)
 
 
 def headline(summary: dict) -> dict:
     """The issue's three numbers, cold cache; None where a run is missing."""
 
-    def get(key: str, what: str, stat: str):
-        return summary.get(key, {}).get(what, {}).get(stat)
+    def get(key: str, what: str, name: str):
+        return stat(summary, key, what, name)
 
     ours_wall = get("cold/lorasurgeon", "wall_s", "median")
     ours_rss = get("cold/lorasurgeon", "rss_mb", "max")
     return {
-        "ours_vs_cp": _ratio(ours_wall, get("cold/cp", "wall_s", "median")),
-        "peft_vs_ours": _ratio(get("cold/peft", "wall_s", "median"), ours_wall),
-        "peft_vs_ours_rss": _ratio(get("cold/peft", "rss_mb", "max"), ours_rss),
+        "ours_vs_cp": ratio(ours_wall, get("cold/cp", "wall_s", "median")),
+        "peft_vs_ours": ratio(get("cold/peft", "wall_s", "median"), ours_wall),
+        "peft_vs_ours_rss": ratio(get("cold/peft", "rss_mb", "max"), ours_rss),
         "ours_rss_mb": ours_rss,
     }
 
