@@ -10,10 +10,12 @@ package does not import torch.
 
 from .adapters import ModuleReport
 from .combine import CombineMethod, CombinePlan, CombineReport, combine, plan_combine
+from .engine import handle_signals
 from .errors import (
     AdapterError,
     CheckpointError,
     IncompatibleError,
+    Interrupted,
     LocationError,
     LorasurgeonError,
     OptionError,
@@ -39,6 +41,7 @@ __all__ = [
     "ExtractPlan",
     "ExtractReport",
     "IncompatibleError",
+    "Interrupted",
     "LocationError",
     "LorasurgeonError",
     "MergePlan",
@@ -52,6 +55,7 @@ __all__ = [
     "__version__",
     "combine",
     "extract",
+    "handle_signals",
     "merge",
     "open_checkpoint",
     "parse_size",

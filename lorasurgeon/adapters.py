@@ -17,15 +17,13 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .engine import Copy, Output
 from .errors import AdapterError, LocationError
-from .reader import Checkpoint, TensorFiles, TensorInfo, open_checkpoint
+from .reader import Checkpoint, TensorInfo, open_checkpoint
 from .targets import TargetRules, pattern_value
-from .writer import CheckpointWriter, OutputLayout, OutputShard, OutputTensor
-
-if TYPE_CHECKING:
-    import torch
+from .writer import OutputLayout, OutputShard, OutputTensor
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -33,9 +31,9 @@ __all__ = [
     "KEY_PREFIX",
     "Adapter",
     "AdapterConfig",
-    "AdapterWriter",
     "LoraModule",
     "ModuleReport",
+    "adapter_output",
     "error_summary",
     "lora_keys",
     "open_adapter",
@@ -455,34 +453,15 @@ def error_summary(errors: Sequence[float]) -> dict[str, float]:
     }
 
 
-class AdapterWriter:
-    """An adapter directory written atomically: the tensors planned up front (in the order they
-    will come), then ``adapter_config.json`` at ``commit``. Nothing is at ``out`` before that;
-    on an exception the temporary directory is removed."""
-
-    def __init__(self, out: Path, planned: Sequence[OutputTensor], *, overwrite: bool) -> None:
-        shard = OutputShard(ADAPTER_WEIGHTS_NAME, {"format": "pt"}, tuple(planned))
-        self._writer = CheckpointWriter(out, OutputLayout((shard,)), overwrite=overwrite)
-
-    def __enter__(self) -> AdapterWriter:
-        self._writer.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._writer.__exit__(*exc)
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Store a CPU tensor under ``name`` (its planned dtype and shape)."""
-        import torch
-
-        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        self._writer.write(name, raw.numpy().data)
-
-    def copy(self, name: str, info: TensorInfo, files: TensorFiles) -> None:
-        """Store the bytes of an input tensor unchanged under ``name``."""
-        self._writer.copy(name, files.fd(info.path), info.offset, info.nbytes)
-
-    def commit(self, config: Mapping[str, Any]) -> None:
-        text = json.dumps(dict(config), indent=2, sort_keys=True) + "\n"
-        self._writer.add_text(ADAPTER_CONFIG_NAME, text)
-        self._writer.commit()
+def adapter_output(
+    out: Path, planned: Sequence[OutputTensor], copies: Sequence[Copy | TensorInfo],
+    config: Mapping[str, Any],
+) -> Output:  # fmt: skip
+    """The engine's output of an adapter directory: ``adapter_model.safetensors`` holding the
+    ``planned`` tensors (computed, in that order) then ``copies`` (stored whole, copied
+    unchanged; a ``TensorInfo`` under its own name), and ``adapter_config.json``."""
+    items = tuple(c if isinstance(c, Copy) else Copy(c.name, c) for c in copies)
+    tensors = (*planned, *(OutputTensor(c.name, c.source.dtype, c.source.shape) for c in items))
+    shard = OutputShard(ADAPTER_WEIGHTS_NAME, {"format": "pt"}, tensors)
+    text = json.dumps(dict(config), indent=2, sort_keys=True) + "\n"
+    return Output(out, OutputLayout((shard,)), items, texts={ADAPTER_CONFIG_NAME: text})

@@ -547,12 +547,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     debug = "--debug" in args
     _setup_logging()
     try:
-        cli.main(args=args, prog_name="lorasurgeon", standalone_mode=False)
+        with api.handle_signals():  # SIGTERM and SIGHUP stop the run as Ctrl-C does
+            cli.main(args=args, prog_name="lorasurgeon", standalone_mode=False)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except (KeyboardInterrupt, click.Abort):
-        click.echo("error: interrupted; nothing was written", err=True)
+    except (KeyboardInterrupt, click.Abort) as e:
+        signalled = e if isinstance(e, api.Interrupted) else e.__cause__  # click wraps it
+        cause = f" by {signalled.signal_name}" if isinstance(signalled, api.Interrupted) else ""
+        click.echo(f"error: interrupted{cause}; nothing was written", err=True)
         sys.exit(1)
     except api.LorasurgeonError as e:
         if debug:

@@ -15,25 +15,27 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import engine
 from .adapters import (
     Adapter,
-    AdapterWriter,
     LoraModule,
+    adapter_output,
     lora_keys,
     open_adapter,
     rank_config,
     report_dict,
 )
+from .engine import Computed, Output
 from .errors import AdapterError, IncompatibleError, OptionError
 from .locations import Location, Role, resolve
 from .reader import TensorFiles, TensorInfo
-from .writer import DType, OutputTensor, check_output_path
+from .writer import DType, OutputTensor
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +51,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[int, int], None]
+ProgressCallback = engine.ProgressCallback
 #: ``masks(module, part, source)``: the 0/1 DARE mask of one source tensor (part "lora_A",
 #: "lora_B" or "delta"), to replay another tool's random draws; None draws from ``seed``.
 MaskSource = Callable[[str, str, int], "torch.Tensor"]
@@ -535,35 +537,35 @@ def _load(files: TensorFiles, m: PlannedModule, device: torch.device) -> list[_F
     ]  # fmt: skip
 
 
-def _execute(
-    plan: CombinePlan, out: Path, device: torch.device, seed: int, masks: MaskSource | None,
-    overwrite: bool, progress: ProgressCallback | None,
-) -> tuple[list[CombinedModule], int]:  # fmt: skip
-    import torch
+def _computed(
+    plan: CombinePlan, device: torch.device, seed: int, masks: MaskSource | None,
+    rows: list[CombinedModule],
+) -> Callable[[TensorFiles], Iterator[Computed]]:  # fmt: skip
+    """Each module's combined factors as the engine's stream, one module in memory at a time;
+    its report row is appended to ``rows``."""
 
-    from .reader import torch_dtype
+    def produce(files: TensorFiles) -> Iterator[Computed]:
+        import torch
 
-    generator = torch.Generator(device=device).manual_seed(seed)
-    planned = [t for m in plan.modules for t in m.output_tensors()]
-    planned += [OutputTensor(info.name, info.dtype, info.shape) for info in plan.copies]
-    rows, params = [], 0
-    with TensorFiles() as files, AdapterWriter(out, planned, overwrite=overwrite) as writer:
-        for i, m in enumerate(plan.modules):
+        from .reader import torch_dtype
+
+        generator = torch.Generator(device=device).manual_seed(seed)
+        for m in plan.modules:
             factors = _load(files, m, device)
             a, b = _combine_module(plan, m, factors, masks, generator)
             a, b = a.to(torch_dtype(m.dtype)), b.to(torch_dtype(m.dtype))
             error = _departure(m, factors, a, b)
             rows.append(CombinedModule(m.module, list(m.shape), m.rank, len(m.sources), error))
-            params += a.numel() + b.numel()
             key_a, key_b = lora_keys(m.module, embedding=m.embedding)
-            writer.write(key_a, a.cpu())
-            writer.write(key_b, b.cpu())
-            if progress is not None:
-                progress(i + 1, len(plan.modules))
-        for info in plan.copies:
-            writer.copy(info.name, info, files)
-        writer.commit(plan.config)
-    return rows, params
+            yield Computed(key_a, a.cpu())
+            yield Computed(key_b, b.cpu())
+
+    return produce
+
+
+def _output(plan: CombinePlan, out: Path) -> Output:
+    planned = [t for m in plan.modules for t in m.output_tensors()]
+    return adapter_output(out, planned, plan.copies, plan.config)
 
 
 def _linear_note(plan: CombinePlan, rows: Sequence[CombinedModule]) -> list[str]:
@@ -626,12 +628,15 @@ def combine(
         adapters, weights=weights, method=method, svd=svd, rank=rank, clamp=clamp,
         density=density, majority_sign=majority_sign, dtype=dtype,
     )  # fmt: skip
-    out_path = Path(out)
-    check_output_path(out_path, [loc.path for loc in plan.adapters], overwrite=overwrite)
+    out_path = engine.check_output(out, [loc.path for loc in plan.adapters],
+                                   overwrite=overwrite)  # fmt: skip
     from .ops import resolve_device
 
-    rows, params = _execute(plan, out_path, resolve_device(device), seed, masks, overwrite,
-                            progress)  # fmt: skip
+    rows: list[CombinedModule] = []
+    output = _output(plan, out_path)
+    engine.run(output, _computed(plan, resolve_device(device), seed, masks, rows),
+               overwrite=overwrite, progress=progress)  # fmt: skip
+    params = sum(t.numel for t in output.layout.shards[0].tensors[: 2 * len(plan.modules)])
     notes = [*plan.notes, *_linear_note(plan, rows)]
     for note in notes:
         logger.warning(note)

@@ -12,6 +12,7 @@ __all__ = [
     "AdapterError",
     "CheckpointError",
     "IncompatibleError",
+    "Interrupted",
     "LocationError",
     "LorasurgeonError",
     "OptionError",
@@ -79,3 +80,11 @@ class OptionError(LorasurgeonError, ValueError):
 
 class OutputError(LorasurgeonError):
     """The output exists, lies inside an input, or cannot be written."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGTERM, SIGHUP) and cleaned up as on Ctrl-C."""
+
+    def __init__(self, signal_name: str) -> None:
+        self.signal_name = signal_name
+        super().__init__(signal_name)

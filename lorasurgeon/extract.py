@@ -13,18 +13,20 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import engine
 from .adapters import (
     KEY_PREFIX,
-    AdapterWriter,
     ModuleReport,
+    adapter_output,
     lora_keys,
     report_dict,
 )
+from .engine import Computed, Copy, Output
 from .errors import IncompatibleError, OptionError
 from .locations import Location, Role, resolve
 from .pipeline import BufferPool, prefetch
@@ -42,17 +44,13 @@ from .targets import (
     TargetRules,
     is_conv1d_module,
 )
-from .writer import (
-    DType,
-    OutputTensor,
-    check_output_path,
-)
+from .writer import DType, OutputTensor
 
 __all__ = ["ExtractPlan", "ExtractReport", "ModuleReport", "extract", "plan_extraction"]
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[int, int], None]
+ProgressCallback = engine.ProgressCallback
 #: Upper rank bound of the energy and budget methods when --max-rank is not given.
 DEFAULT_MAX_RANK = 128
 # Elements per block of the CPU delta computation (1 MiB of float32: stays in cache).
@@ -453,20 +451,14 @@ def _not_in_adapter(
     return rows
 
 
-def _write_adapter(
-    out: Path, plan: ExtractPlan, tensors: list[tuple[str, Any]], config: dict[str, Any],
-    files: TensorFiles, overwrite: bool,
-) -> None:  # fmt: skip
+def _output(
+    out: Path, plan: ExtractPlan, tensors: list[tuple[str, Any]], config: dict[str, Any]
+) -> Output:
     from .reader import dtype_code
 
     planned = [OutputTensor(k, dtype_code(v.dtype), tuple(v.shape)) for k, v in tensors]
-    planned += [OutputTensor(KEY_PREFIX + t.name, t.dtype, t.shape) for _, t in plan.saved]
-    with AdapterWriter(out, planned, overwrite=overwrite) as writer:
-        for key, value in tensors:
-            writer.write(key, value)
-        for _, t in plan.saved:
-            writer.copy(KEY_PREFIX + t.name, t, files)
-        writer.commit(config)
+    copies = [Copy(KEY_PREFIX + t.name, t) for _, t in plan.saved]
+    return adapter_output(out, planned, copies, config)
 
 
 def extract(
@@ -525,8 +517,7 @@ def extract(
         layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
         save_modules=save_modules,
     )  # fmt: skip
-    out_path = Path(out)
-    check_output_path(out_path, [plan.base.path, plan.tuned.path], overwrite=overwrite)
+    out_path = engine.check_output(out, [plan.base.path, plan.tuned.path], overwrite=overwrite)
     _read_ahead(plan)  # the disk starts on the first modules while torch is imported
     from . import lowrank, ops
     from .reader import torch_dtype
@@ -553,9 +544,9 @@ def extract(
     saved_names = sorted({t.name.rpartition(".")[0] for _, t in plan.saved})
     config = _config(plan, names, ranks, alphas, options.rank, default_alpha, saved_names)
     with TensorFiles() as files:
-        energy_total = sum(r.svd.total_energy for r in results)
-        others = _not_in_adapter(plan, files, energy_total)
-        _write_adapter(out_path, plan, tensors, config, files, overwrite)
+        others = _not_in_adapter(plan, files, sum(r.svd.total_energy for r in results))
+    engine.run(_output(out_path, plan, tensors, config),
+               lambda _: (Computed(k, v) for k, v in tensors), overwrite=overwrite)  # fmt: skip
     total_params = sum(int(t.numel()) for _, t in tensors)
     notes = [f"{row['tensor']} differs ({row['share']:.2%} of the update) but is not in the "
              "adapter" for row in others if row["share"] >= 0.01]  # fmt: skip

@@ -11,11 +11,12 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from . import engine
 from .adapters import Adapter, LoraModule, open_adapter
 from .errors import AdapterError, IncompatibleError, OptionError
 from .locations import Location, Role, resolve
@@ -32,7 +33,6 @@ from .writer import (
     DType,
     OutputLayout,
     OutputTensor,
-    check_output_path,
     parse_size,
     plan_layout,
 )
@@ -44,8 +44,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: ``progress(done_bytes, total_bytes)``, called from worker threads as output is written.
-ProgressCallback = Callable[[int, int], None]
+ProgressCallback = engine.ProgressCallback
 
 
 class ChangeKind(str, Enum):
@@ -473,6 +472,18 @@ def _notes(adapters: Sequence[Adapter], locations: Sequence[Location]) -> tuple[
     return tuple(notes)
 
 
+def _output(plan: MergePlan, out: Path) -> engine.Output:
+    """The engine's view of the merge: unchanged tensors copied, side files (config.json with
+    its dtype updated) beside a directory output."""
+    copies = tuple(engine.Copy(t.name, t.start) for t in plan.tensors if t.copied)
+    files = () if plan.output_is_file else plan.side_files
+    texts: dict[str, str] = {}
+    if plan.config_text is not None and not plan.output_is_file:
+        texts["config.json"] = plan.config_text
+        files = tuple((rel, path) for rel, path in files if rel != "config.json")
+    return engine.Output(out, plan.layout, copies, files, texts)
+
+
 def merge(
     base: str | os.PathLike[str],
     adapters: Sequence[str | os.PathLike[str]],
@@ -516,18 +527,20 @@ def merge(
         base, adapters, out, weights=weights, unmerge=unmerge, dtype=dtype,
         max_shard_size=max_shard_size,
     )  # fmt: skip
-    out_path = Path(out)
     inputs = [plan.base.path, *(a.path for a in plan.adapters)]
-    check_output_path(out_path, inputs, overwrite=overwrite)
+    out_path = engine.check_output(out, inputs, overwrite=overwrite)
     if device != "auto" and device != "cpu":
         from .ops import resolve_device  # a GPU needs torch anyway: check it before writing
 
         resolve_device(device)
     for note in plan.notes:
         logger.warning(note)
-    from .stream import execute  # imports torch: kept out of planning, --help and inspect
+    from .stream import computed_tensors  # imports torch lazily: kept out of planning
 
-    written = execute(plan, out_path, overwrite=overwrite, device=device, progress=progress)
+    written = engine.run(
+        _output(plan, out_path), computed_tensors(plan, device), overwrite=overwrite,
+        progress=progress,
+    )  # fmt: skip
     changed = sum(1 for t in plan.tensors if not t.copied)
     return MergeReport(
         out_path, len(plan.tensors), changed, len(plan.tensors) - changed, written,

@@ -14,25 +14,27 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import engine
 from .adapters import (
     Adapter,
-    AdapterWriter,
     LoraModule,
     ModuleReport,
+    adapter_output,
     lora_keys,
     open_adapter,
     rank_config,
     report_dict,
 )
+from .engine import Computed
 from .errors import AdapterError, OptionError
 from .locations import Role, resolve
 from .reader import TensorFiles
-from .writer import DType, OutputTensor, check_output_path
+from .writer import DType, OutputTensor
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +45,7 @@ __all__ = ["ResizeReport", "resize"]
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[int, int], None]
+ProgressCallback = engine.ProgressCallback
 
 
 @dataclass(frozen=True)
@@ -104,46 +106,55 @@ def _alpha(lora: LoraModule, rank: int, rslora: bool) -> float:
     return lora.scaling * (math.sqrt(rank) if rslora else rank)
 
 
-def _write(
-    adapter: Adapter, ranks: list[int], out: Path, dtype: str | None, device: torch.device,
-    files: TensorFiles, overwrite: bool, progress: ProgressCallback | None,
-) -> tuple[list[ModuleReport], dict[str, Any]]:  # fmt: skip
-    from .lowrank import stored_rel_error
-    from .reader import torch_dtype
-
-    modules = list(adapter.modules.values())
-    planned, rows = [], []
-    for lora, k in zip(modules, ranks, strict=True):
+def _planned(adapter: Adapter, ranks: list[int], dtype: str | None) -> list[OutputTensor]:
+    planned = []
+    for lora, k in zip(adapter.modules.values(), ranks, strict=True):
         key_a, key_b = lora_keys(lora.module, embedding=lora.embedding)
         code = dtype or lora.lora_a.dtype
         a_shape, b_shape = lora.lora_a.shape, lora.lora_b.shape
         planned += [OutputTensor(key_a, code, (k, *a_shape[1:])),
                     OutputTensor(key_b, code, (b_shape[0], k, *b_shape[2:]))]  # fmt: skip
-    copies = [*adapter.replacements.values(), *(t for _, t in adapter.token_rows.values())]
-    planned += [OutputTensor(info.name, info.dtype, info.shape) for info in copies]
-    alphas = {}
-    with AdapterWriter(out, planned, overwrite=overwrite) as writer:
-        for i, (lora, k) in enumerate(zip(modules, ranks, strict=True)):
+    return planned
+
+
+def _computed(
+    adapter: Adapter, ranks: list[int], dtype: str | None, device: torch.device,
+    rows: list[ModuleReport], progress: ProgressCallback | None,
+) -> Callable[[TensorFiles], Iterator[Computed]]:  # fmt: skip
+    """Each module's truncated factors as the engine's stream; report rows go to ``rows``,
+    steps to ``progress`` (the second half of resize's 2 steps per module)."""
+
+    def produce(files: TensorFiles) -> Iterator[Computed]:
+        from .lowrank import stored_rel_error
+        from .reader import torch_dtype
+
+        count = len(ranks)
+        for i, (lora, k) in enumerate(zip(adapter.modules.values(), ranks, strict=True)):
             svd = _decompose(files, lora, device, k)
             a, b = svd.factors(k, lora.scaling)
             stored = torch_dtype(dtype or lora.lora_a.dtype)
             a, b = a.to(stored), b.to(stored)
             error = stored_rel_error(svd, k, a, b, lora.scaling)
-            alphas[lora.module] = _alpha(lora, k, adapter.config.use_rslora)
-            rows.append(ModuleReport(lora.module, list(_shape(lora)), k, alphas[lora.module],
-                                     error, 1 - error * error))  # fmt: skip
+            alpha = _alpha(lora, k, adapter.config.use_rslora)
+            rows.append(ModuleReport(lora.module, list(_shape(lora)), k, alpha, error,
+                                     1 - error * error))  # fmt: skip
             key_a, key_b = lora_keys(lora.module, embedding=lora.embedding)
-            writer.write(key_a, a.reshape(k, *lora.lora_a.shape[1:]).cpu())
-            writer.write(key_b, b.reshape(lora.lora_b.shape[0], k, *lora.lora_b.shape[2:]).cpu())
+            yield Computed(key_a, a.reshape(k, *lora.lora_a.shape[1:]).cpu())
+            yield Computed(key_b, b.reshape(lora.lora_b.shape[0], k, *lora.lora_b.shape[2:]).cpu())
             if progress is not None:
-                progress(len(modules) + i + 1, 2 * len(modules))
-        for info in copies:
-            writer.copy(info.name, info, files)
-        config = dict(adapter.config.raw)
-        config.update(rank_config({m.module: k for m, k in zip(modules, ranks, strict=True)},
-                                  alphas), inference_mode=True)  # fmt: skip
-        writer.commit(config)
-    return rows, config
+                progress(count + i + 1, 2 * count)
+
+    return produce
+
+
+def _config(adapter: Adapter, ranks: list[int]) -> dict[str, Any]:
+    modules = list(adapter.modules.values())
+    alphas = {m.module: _alpha(m, k, adapter.config.use_rslora)
+              for m, k in zip(modules, ranks, strict=True)}  # fmt: skip
+    config = dict(adapter.config.raw)
+    config.update(rank_config({m.module: k for m, k in zip(modules, ranks, strict=True)},
+                              alphas), inference_mode=True)  # fmt: skip
+    return config
 
 
 def resize(
@@ -185,8 +196,7 @@ def resize(
         raise OptionError("give --rank R", hint="or --rank-method energy/budget")
     code = DType.code_of(dtype)
     location = resolve(adapter, role=Role.ADAPTER)
-    out_path = Path(out)
-    check_output_path(out_path, [location.path], overwrite=overwrite)
+    out_path = engine.check_output(out, [location.path], overwrite=overwrite)
     compute = resolve_device(device)
     with open_adapter(location.path, file_targets=True) as opened, TensorFiles() as files:
         opened.require_plain_lora("resize")
@@ -198,7 +208,12 @@ def resize(
             rank=rank or 1, energy=energy, param_budget=param_budget, min_rank=min_rank,
             max_rank=max_rank,
         )  # fmt: skip
-        rows, _ = _write(opened, ranks, out_path, code, compute, files, overwrite, progress)
+        copies = [*opened.replacements.values(), *(t for _, t in opened.token_rows.values())]
+        output = adapter_output(out_path, _planned(opened, ranks, code), copies,
+                                _config(opened, ranks))  # fmt: skip
+        rows: list[ModuleReport] = []
+        engine.run(output, _computed(opened, ranks, code, compute, rows, progress),
+                   overwrite=overwrite)  # fmt: skip
         before = sum(m.rank * sum(_shape(m)) for m in opened.modules.values())
     notes = [f"{len(opened.ignored)} LoRA modules the config does not select were left out, "
              "as PEFT ignores them"] if opened.ignored else []  # fmt: skip

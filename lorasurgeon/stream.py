@@ -1,60 +1,28 @@
-"""Execute a ``MergePlan``: the streaming half of ``merge``.
+"""The computing half of ``merge``: the merged tensors of a ``MergePlan`` as a stream for
+the engine, which copies the unchanged tensors meanwhile and writes these.
 
-A copier thread streams unchanged tensors inside the kernel while the main thread imports
-torch and merges the others; their inputs are read ahead on a prefetch thread (with a kernel
-readahead window ahead of it) and their results written on a writer thread, all through a few
-reused buffers. Memory follows the largest merged tensor, not the model.
+Inputs are read ahead on a prefetch thread (with a kernel readahead window ahead of it) and
+merged through a few reused buffers: memory follows the largest merged tensor, not the model.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from .merge import ChangeKind, MergePlan, ProgressCallback, TensorPlan
-from .pipeline import BufferPool, Drain, Readahead, Worker, prefetch
+from .engine import Computed
+from .merge import ChangeKind, MergePlan, TensorPlan
+from .pipeline import BufferPool, Readahead, prefetch
 from .reader import DTYPE_SIZES, TensorFiles, TensorInfo, as_tensor
-from .writer import CheckpointWriter
 
-__all__ = ["execute"]
+__all__ = ["computed_tensors"]
 
 # How far the kernel reads ahead of the merge: enough to keep the disk busy while torch
 # imports, small next to any page cache.
 _READAHEAD_BYTES = 512 * 1024 * 1024
-
-
-class _Meter:
-    """Adds up bytes written by several threads and reports them to ``progress``."""
-
-    def __init__(self, progress: ProgressCallback | None, total: int) -> None:
-        self._progress = progress
-        self._total = total
-        self._done = 0
-        self._lock = threading.Lock()
-
-    def add(self, nbytes: int) -> None:
-        with self._lock:
-            self._done += nbytes
-            if self._progress is not None:
-                self._progress(self._done, self._total)
-
-
-def _copy_all(
-    tensors: Sequence[TensorPlan], files: TensorFiles, writer: CheckpointWriter, meter: _Meter,
-    stop: threading.Event,
-) -> None:  # fmt: skip
-    """Copy unchanged tensors from their files to the output, in the kernel."""
-    for t in tensors:
-        if stop.is_set():
-            return
-        source = t.start
-        writer.copy(t.name, files.fd(source.path), source.offset, source.nbytes)
-        meter.add(source.nbytes)
 
 
 def _inputs(t: TensorPlan) -> list[TensorInfo]:
@@ -127,49 +95,30 @@ def _compute(t: TensorPlan, inputs: _Loaded, device: Any, out: bytearray) -> mem
     return memoryview(out)[: _out_bytes(t)]
 
 
-def _write(
-    writer: CheckpointWriter, meter: _Meter, pool: BufferPool, name: str, buffer: bytearray,
-    data: memoryview,
-) -> None:  # fmt: skip
-    nbytes = data.nbytes
-    try:
-        writer.write(name, data)
-    finally:
-        data.release()
-        pool.release(buffer)
-    meter.add(nbytes)
-
-
-def execute(
-    plan: MergePlan, out: Path, *, overwrite: bool, device: str,
-    progress: ProgressCallback | None,
-) -> int:  # fmt: skip
-    """Write the planned output. A copier thread streams unchanged tensors while this thread
-    imports torch and merges the others; their inputs are read ahead on a prefetch thread and
-    their results written on a writer thread, all through a few reused buffers."""
-    meter = _Meter(progress, plan.layout.total_size)
-    stop = threading.Event()
-    copied = [t for t in plan.tensors if t.copied]
+def computed_tensors(plan: MergePlan, device: str) -> Callable[[TensorFiles], Iterator[Computed]]:
+    """The merged tensors of ``plan`` as the engine's stream: inputs read ahead on a prefetch
+    thread (with a kernel readahead window ahead of it) into reused buffers, each merged on
+    this thread into a pooled result buffer that the engine returns once written. torch is
+    imported only when the first tensor is needed, while the copier already streams."""
     computed = [t for t in plan.tensors if not t.copied]
     largest = max([t.start.nbytes for t in computed] + [_out_bytes(t) for t in computed] + [0])
-    reads = BufferPool(largest, 2)  # prefetch depth 1: one being merged, one read ahead
-    results = BufferPool(largest, 3)  # drain depth 1: one merged, one queued, one writing
-    with TensorFiles() as files, CheckpointWriter(out, plan.layout, overwrite=overwrite) as writer:
-        copier = Worker(lambda: _copy_all(copied, files, writer, meter, stop), "lorasurgeon-copy")
-        copier.start()
-        drain = Drain(depth=1, stop=stop, name="lorasurgeon-write")
+
+    def produce(files: TensorFiles) -> Iterator[Computed]:
+        stop = threading.Event()
+        reads = BufferPool(largest, 2)  # prefetch depth 1: one being merged, one read ahead
+        results = BufferPool(largest, 3)  # one merged, one queued, one being written
+        ahead = Readahead(
+            computed, lambda t: t.start.nbytes, lambda t: files.advise(t.start),
+            window=_READAHEAD_BYTES,
+        )  # fmt: skip
+        positions = {t.name: i for i, t in enumerate(computed)}
+
+        def load(t: TensorPlan) -> _Loaded:
+            ahead.advance(positions[t.name])
+            return _read_inputs(t, files, reads, stop)
+
+        loads = prefetch(computed, load, depth=1, stop=stop)
         try:
-            ahead = Readahead(
-                computed, lambda t: t.start.nbytes, lambda t: files.advise(t.start),
-                window=_READAHEAD_BYTES,
-            )  # fmt: skip
-
-            def load(t: TensorPlan) -> _Loaded:
-                ahead.advance(positions[t.name])
-                return _read_inputs(t, files, reads, stop)
-
-            positions = {t.name: i for i, t in enumerate(computed)}
-            loads = prefetch(computed, load, depth=1, stop=stop)
             from . import ops  # torch loads while the copier and the prefetcher stream
 
             dev = ops.resolve_device(device)
@@ -182,31 +131,18 @@ def execute(
                     raise
                 finally:
                     reads.release(inputs.start)
-                drain.submit(
-                    functools.partial(_write, writer, meter, results, t.name, buffer, data)
-                )
-            drain.close()
-            copier.join()
-        except BaseException:
+                yield Computed(t.name, data, functools.partial(_release, data, results, buffer))
+        finally:
             stop.set()
-            for finish in (drain.close, copier.join):
-                with contextlib.suppress(BaseException):
-                    finish()
-            raise
-        _add_side_files(plan, writer)
-        writer.commit()
-    return plan.layout.total_size
+            loads.close()  # type: ignore[attr-defined]
+
+    return produce
+
+
+def _release(data: memoryview, pool: BufferPool, buffer: bytearray) -> None:
+    data.release()
+    pool.release(buffer)
 
 
 def _out_bytes(t: TensorPlan) -> int:
     return t.base.numel * DTYPE_SIZES[t.dtype]
-
-
-def _add_side_files(plan: MergePlan, writer: CheckpointWriter) -> None:
-    if plan.output_is_file:
-        return
-    for relative, path in plan.side_files:
-        if relative == "config.json" and plan.config_text is not None:
-            writer.add_text(relative, plan.config_text)
-        else:
-            writer.add_file(relative, path)

@@ -7,7 +7,10 @@ their planned offsets, and memory never holds more than the tensor being written
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
 import math
 import os
 import secrets
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OptionError, OutputError
-from .reader import DTYPE_SIZES, Checkpoint
+from .reader import DTYPE_SIZES, INDEX_NAMES, SINGLE_NAMES, Checkpoint
 
 __all__ = [
     "SHARD_NAME_FORMAT",
@@ -29,11 +32,15 @@ __all__ = [
     "OutputLayout",
     "OutputShard",
     "OutputTensor",
+    "check_free_space",
     "check_output_path",
     "parse_size",
     "plan_layout",
+    "recover",
     "reshard",
 ]
+
+logger = logging.getLogger(__name__)
 
 #: Shard file names of a re-sharded checkpoint, as transformers writes them.
 SHARD_NAME_FORMAT = "{stem}-{index:05d}-of-{count:05d}.safetensors"
@@ -76,8 +83,12 @@ class OutputTensor:
     shape: tuple[int, ...]
 
     @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
     def nbytes(self) -> int:
-        return DTYPE_SIZES[self.dtype] * math.prod(self.shape)
+        return DTYPE_SIZES[self.dtype] * self.numel
 
 
 @dataclass(frozen=True)
@@ -238,14 +249,63 @@ def _is_within(path: Path, other: Path) -> bool:
     return path == other or other in path.parents
 
 
+# Names of what a run keeps beside ``out`` while it works: ``.<name>.partial-<token>`` (the
+# output being written), ``.<name>.partial-<token>.lock`` (held with flock for the whole run)
+# and ``.<name>.old-<token>`` (a replaced output, between the two renames of an overwrite).
+_PARTIAL = ".{name}.partial-{token}"
+_LOCK_SUFFIX = ".lock"
+_OLD = ".{name}.old-{token}"
+# Files that mark a directory as a checkpoint or adapter lorasurgeon could have written.
+_OUTPUT_MARKERS = (
+    *INDEX_NAMES, *SINGLE_NAMES, "adapter_config.json", "adapter_model.safetensors",
+    "lorasurgeon.json", "model_index.json",
+)  # fmt: skip
+
+
+def _describe(path: Path, limit: int = 6) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    if not names:
+        return "nothing"
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _replaceable(out: Path) -> bool:
+    """Whether ``out`` is something lorasurgeon could have written: a ``.safetensors`` file, an
+    empty directory, or a directory holding a checkpoint or adapter (and no other checkpoint
+    directories)."""
+    if out.is_symlink() or not out.exists():
+        return out.is_symlink()  # a dangling or any link: replacing it touches no data
+    if out.is_file():
+        return out.name.endswith(".safetensors")
+    if not any(out.iterdir()):
+        return True  # an empty directory holds nothing to lose
+    if not any((out / marker).is_file() for marker in _OUTPUT_MARKERS):
+        return False
+    return not any(
+        (child / marker).is_file()
+        for child in out.iterdir()
+        if child.is_dir() and not (out / "model_index.json").is_file()
+        for marker in ("adapter_config.json", *INDEX_NAMES, *SINGLE_NAMES)
+    )  # a folder of models (not a diffusers pipeline) is never replaced whole
+
+
 def check_output_path(out: Path, inputs: Iterable[Path], *, overwrite: bool) -> None:
     """Refuse an output that exists (without ``overwrite``), is an input, lies inside an input,
-    or would, when overwritten, delete an input.
+    would delete an input when overwritten, is not something lorasurgeon could have written
+    (with ``overwrite``), or lies in a directory that does not exist or cannot be written.
+
+    What a killed run left beside ``out`` is cleaned up first (``recover``).
 
     Raises:
         OutputError: the output path cannot be used.
     """
     target = out.resolve()
+    if not out.name or out.name in (".", "..") or _is_within(Path.cwd().resolve(), target):
+        raise OutputError(
+            "output is the current directory or one above it", path=out,
+            hint="name a new directory or file, e.g. -o merged",
+        )  # fmt: skip
     for source in inputs:
         src = source.resolve()
         if _is_within(target, src):
@@ -258,20 +318,130 @@ def check_output_path(out: Path, inputs: Iterable[Path], *, overwrite: bool) -> 
                 path=out,
                 hint="choose another -o",
             )
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise OutputError("output already exists", path=out, hint="pass --overwrite to replace it")
     if not out.parent.is_dir():
         raise OutputError(
             "the output's parent directory does not exist", path=out, hint="create it first"
         )
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"cannot write in {out.parent} (permission denied)", path=out,
+            hint="choose a directory you can write to",
+        )  # fmt: skip
+    for line in recover(out):
+        logger.warning(line)
+    _check_existing(out, overwrite)
+
+
+def _check_existing(out: Path, overwrite: bool) -> None:
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise OutputError("output already exists", path=out, hint="pass --overwrite to replace it")
+    if not _replaceable(out):
+        what = f"a directory holding {_describe(out)}" if out.is_dir() else "a file"
+        raise OutputError(
+            f"is {what}, not a checkpoint or adapter lorasurgeon could have written",
+            path=out,
+            hint="--overwrite replaces only those; remove it yourself or choose another -o",
+        )
+
+
+def check_free_space(out: Path, nbytes: int) -> None:
+    """Refuse to start when the output's file system has less than ``nbytes`` free.
+
+    Raises:
+        OutputError: naming the output, what it needs and what is free.
+    """
+    try:
+        stat = os.statvfs(out.parent)
+    except OSError:
+        return  # unknown: the writes will say
+    free = stat.f_bavail * stat.f_frsize
+    if nbytes > free:
+        raise OutputError(
+            f"needs {nbytes / 1e6:,.1f} MB but only {free / 1e6:,.1f} MB are free there",
+            path=out,
+            hint="free some space or choose another -o",
+        )
+
+
+def _flock(path: Path) -> int | None:
+    """An exclusive lock on ``path`` if no live process holds one, else None."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def recover(out: Path) -> list[str]:
+    """Remove what runs killed outright (SIGKILL, power loss) left beside ``out``: partial
+    outputs and their locks, and a replaced output between the two renames of an overwrite,
+    which is put back when nothing took its place. Runs still alive (their lock is held) are
+    left alone. Returns one line per thing done.
+    """
+    parent, name = out.parent, out.name
+    if not parent.is_dir():
+        return []
+    prefixes = (f".{name}.partial-", f".{name}.old-")
+    tokens = {
+        p.name.removesuffix(_LOCK_SUFFIX).split("-")[-1]
+        for p in parent.iterdir()
+        if p.name.startswith(prefixes)
+    }
+    done = []
+    for token in sorted(tokens):
+        partial = parent / _PARTIAL.format(name=name, token=token)
+        lock = partial.with_name(partial.name + _LOCK_SUFFIX)
+        old = parent / _OLD.format(name=name, token=token)
+        fd = _flock(lock) if lock.exists() else None
+        if lock.exists() and fd is None:
+            continue  # a live run
+        try:
+            if old.exists() or old.is_symlink():
+                if out.exists() or out.is_symlink():
+                    _remove(old)
+                    done.append(f"removed {old.name}, an output an interrupted run replaced")
+                else:
+                    os.rename(old, out)
+                    done.append(f"put back {out}, which an interrupted --overwrite had moved aside")
+            if partial.exists():
+                _remove(partial)
+                done.append(f"removed {partial.name}, left by an interrupted run")
+            lock.unlink(missing_ok=True)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    return done
+
+
+def _os_error(e: OSError, out: Path, tensor: str | None = None) -> OutputError:
+    """An ``OSError`` met while writing ``out``, as an error naming ``out`` (not a temp path)."""
+    reason = e.strerror or str(e)
+    hint = None
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason, hint = "no space left on the device", "free some space or choose another -o"
+    elif e.errno == errno.EFBIG:
+        reason, hint = "file too large for this file system or limit", "choose another -o"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "choose a location you can write to"
+    return OutputError(f"cannot write: {reason}", path=out, tensor=tensor, hint=hint)
 
 
 class CheckpointWriter:
     """Write a planned layout into a temporary sibling of ``out``; rename it into place on commit.
 
-    The temporary directory is ``.<name>.partial-<random>`` beside ``out``: a killed run leaves
-    only that. Leaving the ``with`` block without ``commit()`` (an exception, Ctrl-C) removes it.
-    ``write`` and ``copy`` may be called from several threads, for different tensors.
+    The temporary directory is ``.<name>.partial-<token>`` beside ``out``, guarded by a lock
+    file held for the whole run; a run killed outright leaves only those, which ``recover``
+    (run by ``check_output_path``) removes. Leaving the ``with`` block without ``commit()``
+    (an exception, Ctrl-C, a signal) removes them. ``write`` and ``copy`` may be called from
+    several threads, for different tensors. Every ``OSError`` is raised as an ``OutputError``
+    naming ``out``.
     """
 
     def __init__(
@@ -280,7 +450,11 @@ class CheckpointWriter:
         self.out = Path(out)
         self.layout = layout
         self.overwrite = overwrite
-        self.tmp = self.out.parent / f".{self.out.name}.partial-{secrets.token_hex(4)}"
+        token = secrets.token_hex(4)
+        self.tmp = self.out.parent / _PARTIAL.format(name=self.out.name, token=token)
+        self._lock_path = self.tmp.with_name(self.tmp.name + _LOCK_SUFFIX)
+        self._old = self.out.parent / _OLD.format(name=self.out.name, token=token)
+        self._lock_fd: int | None = None
         self._slots: dict[str, tuple[int, int, int]] = {}  # name -> (fd, offset, nbytes)
         self._fds: list[int] = []
         self._done: set[str] = set()
@@ -289,26 +463,38 @@ class CheckpointWriter:
 
     def __enter__(self) -> CheckpointWriter:
         try:
+            self._take_lock()
             self.tmp.mkdir()
             for shard in self.layout.shards:
                 self._open_shard(shard)
         except OSError as e:
             self._cleanup()
-            raise OutputError(f"cannot write: {e.strerror}", path=e.filename or self.out) from e
+            raise _os_error(e, self.out) from e
         except BaseException:
             self._cleanup()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if not self._committed:
+        if self._committed:
+            self._finish()  # again, if a signal cut it short: nothing but leftovers remain
+        else:
             self._cleanup()
+
+    def _take_lock(self) -> None:
+        # Locked under a hidden name first, then renamed: a lock file visible under its final
+        # name is always held, so ``recover`` never mistakes a starting run for a dead one.
+        staging = self._lock_path.with_name(self._lock_path.name + ".new")
+        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self._lock_fd = fd
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(staging, self._lock_path)
 
     def _open_shard(self, shard: OutputShard) -> None:
         header, offsets = shard.header()
         fd = os.open(self.tmp / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._fds.append(fd)
-        os.pwrite(fd, header, 0)
+        _pwrite_all(fd, header, 0)
         os.ftruncate(fd, len(header) + shard.data_size)
         for t in shard.tensors:
             self._slots[t.name] = (fd, offsets[t.name], t.nbytes)
@@ -335,10 +521,11 @@ class CheckpointWriter:
         view = memoryview(data).cast("B")
         fd, offset = self._slot(name, view.nbytes)
         self._mark(name)
-        done = 0
-        while done < view.nbytes:
-            done += os.pwrite(fd, view[done:], offset + done)
-        _start_writeback(fd, offset, view.nbytes)
+        try:
+            _pwrite_all(fd, view, offset)
+            _start_writeback(fd, offset, view.nbytes)
+        except OSError as e:
+            raise _os_error(e, self.out, name) from e
 
     def copy(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Copy one tensor's bytes from an open input file, in the kernel when it can."""
@@ -350,25 +537,48 @@ class CheckpointWriter:
             try:
                 n = os.copy_file_range(src_fd, fd, count, src_offset + done, offset + done)
             except OSError:
-                n = 0
-            if n <= 0:  # not supported across these filesystems: plain read and write
-                chunk = os.pread(src_fd, count, src_offset + done)
-                if not chunk:
-                    raise OutputError("input ended early", path=self.out, tensor=name)
-                n = os.pwrite(fd, chunk, offset + done)
+                n = 0  # unsupported here, or a failure the plain path below attributes
+            if n <= 0:
+                n = self._copy_plain(name, src_fd, fd, count, src_offset + done, offset + done)
             done += n
-        _start_writeback(fd, offset, nbytes)
+        try:
+            _start_writeback(fd, offset, nbytes)
+        except OSError as e:
+            raise _os_error(e, self.out, name) from e
+
+    def _copy_plain(
+        self, name: str, src_fd: int, fd: int, count: int, src_offset: int, offset: int
+    ) -> int:
+        try:
+            chunk = os.pread(src_fd, count, src_offset)
+        except OSError as e:
+            raise OutputError(f"cannot read the input: {e.strerror}", path=self.out,
+                              tensor=name) from e  # fmt: skip
+        if not chunk:
+            raise OutputError("input ended early", path=self.out, tensor=name)
+        try:
+            _pwrite_all(fd, chunk, offset)
+        except OSError as e:
+            raise _os_error(e, self.out, name) from e
+        return len(chunk)
 
     def add_file(self, relative: str, source: Path) -> None:
         """Copy a side file (config, tokenizer, ...) into the output directory."""
         target = self.tmp / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+        except OSError as e:
+            raise _os_error(e, self.out, relative) from e
 
     def add_text(self, relative: str, text: str) -> None:
+        """Write a side file (config, provenance, ...) into the output directory."""
         target = self.tmp / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text, encoding="utf-8")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise _os_error(e, self.out, relative) from e
 
     def commit(self) -> None:
         """Check that every planned tensor was written, flush to disk and move into place.
@@ -381,13 +591,19 @@ class CheckpointWriter:
             raise OutputError(
                 f"{len(missing)} planned tensors never written", path=self.out, tensor=missing[0]
             )
-        for fd in self._fds:
-            os.fsync(fd)
         if self.layout.index_name and not self.layout.single_file:
             self.add_text(self.layout.index_name, self.layout.index_json())
-        self._close_fds()
+        try:
+            for fd in self._fds:
+                os.fsync(fd)
+            self._close_fds()
+            self._move_into_place()
+        except OSError as e:
+            raise _os_error(e, self.out) from e
+        self._finish()
+
+    def _move_into_place(self) -> None:
         source = self.tmp / self.layout.shards[0].filename if self.layout.single_file else self.tmp
-        old = self.out.parent / f".{self.out.name}.old-{secrets.token_hex(4)}"
         moved_old = False
         if self.out.exists() or self.out.is_symlink():
             if not self.overwrite:
@@ -395,29 +611,49 @@ class CheckpointWriter:
                     "output appeared while this run was writing", path=self.out,
                     hint="pass --overwrite to replace it",
                 )  # fmt: skip
-            os.rename(self.out, old)
+            _check_existing(self.out, self.overwrite)
+            os.rename(self.out, self._old)
             moved_old = True
         try:
             os.rename(source, self.out)
         except OSError:
             if moved_old:
-                os.rename(old, self.out)
+                os.rename(self._old, self.out)
             raise
         self._committed = True
         _fsync_dir(self.out.parent)
-        if self.layout.single_file:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-        if moved_old:
-            _remove(old)
+
+    def _finish(self) -> None:
+        """After the output is in place: remove the replaced output, the temporary directory
+        (empty unless the output is one file) and the lock. Failures here lose nothing."""
+        for path in (self._old, self.tmp):
+            if path.exists() or path.is_symlink():
+                _remove(path)
+        self._release_lock()
 
     def _close_fds(self) -> None:
         fds, self._fds = self._fds, []
         for fd in fds:
             os.close(fd)
 
+    def _release_lock(self) -> None:
+        self._lock_path.unlink(missing_ok=True)
+        self._lock_path.with_name(self._lock_path.name + ".new").unlink(missing_ok=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     def _cleanup(self) -> None:
         self._close_fds()
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self._release_lock()
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < view.nbytes:
+        done += os.pwrite(fd, view[done:], offset + done)
 
 
 def _start_writeback(fd: int, offset: int, nbytes: int) -> None:

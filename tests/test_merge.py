@@ -431,10 +431,13 @@ def test_merge_refuses_existing_output_unless_overwrite(
     out = output_path(tmp_path, llama_fp32)
     out.mkdir()
     (out / "keep.txt").write_text("old output")
+    (out / "model.safetensors").write_bytes(b"an earlier output")
 
     with pytest.raises(OutputError):
         run_merge(llama_fp32, adapters, out)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"], "a refused merge touched the output"
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "model.safetensors"], (
+        "a refused merge touched the output"
+    )
 
     run_merge(llama_fp32, adapters, out, overwrite=True)
 
