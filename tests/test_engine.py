@@ -289,8 +289,8 @@ def test_overwrite_refuses_a_file_that_is_not_safetensors(work: Path) -> None:
     from safetensors.torch import save_file
 
     single = work / "base.safetensors"
-    save_file({k: v for p in sorted((work / "base").glob("model-*")) for k, v in load_file(p).items()},
-              single)  # fmt: skip
+    shards = sorted((work / "base").glob("model-*"))
+    save_file({k: v for p in shards for k, v in load_file(p).items()}, single)
     target = work / "notes.txt"
     target.write_text("mine")
     with pytest.raises(OutputError) as e:
