@@ -25,7 +25,14 @@ from transformers.pytorch_utils import Conv1D
 
 import lorasurgeon
 from lorasurgeon.errors import AdapterError, IncompatibleError, OptionError
-from tests.conftest import FP32_REL_TOL, assert_matches_peft, make_adapter, peft_merge
+from tests.conftest import (
+    FP32_REL_TOL,
+    DtypeRule,
+    TinyBase,
+    assert_matches_peft,
+    make_adapter,
+    peft_merge,
+)
 
 # ---------------------------------------------------------------------------------------------
 # PEFT's test models (tests/test_custom_models.py), parameters only
@@ -436,3 +443,45 @@ def test_square_expert_stack_without_model_type_is_refused(tmp_path: Path) -> No
 
     with pytest.raises(IncompatibleError, match="square"):
         lorasurgeon.plan_merge(base, [adapter])
+
+
+def _bf16_base(built: Built, model: str) -> TinyBase:
+    path = built.base.with_name("base_bf16.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(built.base).items()}, path)
+
+    def load(path: Path, dtype: torch.dtype) -> nn.Module:
+        module = MODELS[model]()
+        module.load_state_dict({k: v.float() for k, v in load_file(path).items()})
+        return module.to(dtype)
+
+    return TinyBase(f"{model}_bf16", path, torch.bfloat16, load)
+
+
+# PEFT's roundings per changed bf16 tensor (peft-lora.md 5.4): the delta is cast to the
+# weight's dtype before the add (2), MHA's out_proj gets a second, fp32 add (3), VeLoRA's and
+# MonteCLoRA's in-place add round once.
+BF16_ROWS = {
+    "MHA 2 LoRA": DtypeRule(roundings=2, roundings_for=((r"out_proj", 3), (r"lin0", 1))),
+    "MLP 2 using nn.Parameter LoRA": DtypeRule(roundings=2, roundings_for=((r"lin0", 1),)),
+    "MoE experts (E, out, in)": DtypeRule(roundings=2),
+    "BD-LoRA both A and B": DtypeRule(roundings=2),
+    "Vanilla MLP 11 LoRA with VeLoRA batch_average": DtypeRule(),
+    "Vanilla MLP 1 LoRA with Monteclora": DtypeRule(),
+}
+
+
+@pytest.mark.parametrize("name", BF16_ROWS)
+def test_bf16_merge_matches_peft_within_its_roundings(name: str, tmp_path: Path) -> None:
+    built = _build(name, tmp_path)
+    base = _bf16_base(built, ROWS[name].model)
+    out = tmp_path / "merged.safetensors"
+
+    lorasurgeon.merge(base.path, [built.adapter], out)
+
+    assert_matches_peft(
+        out,
+        peft_merge(base, [built.adapter]),
+        base,
+        dtype_rule=BF16_ROWS[name],
+        exact_state_dict=peft_merge(base, [built.adapter], dtype=torch.float32),
+    )
