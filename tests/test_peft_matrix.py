@@ -33,6 +33,7 @@ from tests.conftest import (
     make_adapter,
     peft_merge,
 )
+from tests.test_cli import run_cli
 
 # ---------------------------------------------------------------------------------------------
 # PEFT's test models (tests/test_custom_models.py), parameters only
@@ -485,3 +486,15 @@ def test_bf16_merge_matches_peft_within_its_roundings(name: str, tmp_path: Path)
         dtype_rule=BF16_ROWS[name],
         exact_state_dict=peft_merge(base, [built.adapter], dtype=torch.float32),
     )
+
+
+def test_cli_refuses_a_grouped_convolution_in_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    built = _build("Conv2d Groups2 LoRA", tmp_path)
+
+    code, _, err = run_cli(capsys, "merge", built.base, built.adapter, "-o", tmp_path / "o")
+
+    assert code == 1 and "Traceback" not in err
+    assert err.splitlines()[0].startswith("error: ")
+    assert "conv2d: LoRA on a grouped convolution" in err.splitlines()[0]
