@@ -45,14 +45,23 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 #: Every key of a PEFT adapter file starts with this (PEFT's wrapper prefix).
 KEY_PREFIX = "base_model.model."
-_LORA_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
+_LORA_PARTS = {
+    "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+    "lora_diag",  # KaSA: the learned singular values between A and B
+}  # fmt: skip
+# Training-only state of VeLoRA and MonteCLoRA: PEFT's merge reads only lora_A and lora_B.
+_TRAINING_PARTS = {"lora_velora_embed", "lora_monteclora_sampler"}
 # init_lora_weights values whose adapters only make sense on a base PEFT modified at load time.
 _BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# Config fields of the LoRA variants merge handles and combine/resize refuse.
+_VARIANT_FIELDS = {
+    "kasa_config": "KaSA", "velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA",
+    "use_bdlora": "BD-LoRA", "target_parameters": "target_parameters",
+}  # fmt: skip
 # Config fields of LoRA variants lorasurgeon cannot merge (PEFT refuses some of them too).
 _UNSUPPORTED_FIELDS = (
-    "layer_replication", "alora_invocation_tokens", "arrow_config", "use_bdlora",
-    "kasa_config", "velora_config", "monteclora_config", "use_qalora", "megatron_config",
-    "target_parameters",
+    "layer_replication", "alora_invocation_tokens", "arrow_config", "use_qalora",
+    "megatron_config",
 )  # fmt: skip
 
 
@@ -79,6 +88,9 @@ class AdapterConfig:
     alpha_pattern: Mapping[str, float]
     trainable_token_indices: Any
     rules: TargetRules
+    target_parameters: tuple[str, ...] = ()
+    kasa: bool = False
+    blocks: BlockDiagonal | None = None
 
     @classmethod
     def read(cls, path: Path, *, model_type: str | None = None) -> AdapterConfig:
@@ -122,8 +134,19 @@ class AdapterConfig:
         return cls(
             path, raw, r, alpha, bool(raw.get("use_rslora")), bool(raw.get("use_dora")),
             bool(raw.get("lora_bias")), rank_pattern, alpha_pattern,
-            raw.get("trainable_token_indices"), rules,
+            raw.get("trainable_token_indices"), rules, _target_parameters(path, raw),
+            raw.get("kasa_config") is not None, BlockDiagonal.read(path, raw.get("use_bdlora")),
         )  # fmt: skip
+
+    def parameters_of(self, module: str) -> tuple[str, ...]:
+        """The names of ``module``'s parameters that target_parameters selects: an entry
+        ``[prefix.]param`` matches ``module.param`` when it equals it or is a dotted suffix."""
+        found = []
+        for entry in self.target_parameters:
+            prefix, _, param = entry.rpartition(".")
+            if not prefix or module == prefix or module.endswith("." + prefix):
+                found.append(param)
+        return tuple(dict.fromkeys(found))
 
     def rank_of(self, module: str) -> int:
         value = pattern_value(self.rank_pattern, module)
@@ -149,6 +172,49 @@ class AdapterConfig:
                 if module == key or module.endswith("." + key):
                     return tuple(int(i) for i in rows)
         return None
+
+
+@dataclass(frozen=True)
+class BlockDiagonal:
+    """BD-LoRA (``use_bdlora``): modules whose name contains a ``bd_a`` pattern store lora_A
+    as ``nblocks`` diagonal blocks (r, in / nblocks), a ``bd_b`` pattern lora_B (out, r / nblocks);
+    PEFT's ``BlockDiagonalLinear.weight_as_blockdiagonal_matrix`` rebuilds the full factor."""
+
+    nblocks: int
+    bd_a: tuple[str, ...]
+    bd_b: tuple[str, ...]
+
+    @classmethod
+    def read(cls, path: Path, value: Any) -> BlockDiagonal | None:
+        if not value:
+            return None
+        try:
+            nblocks = int(value.get("nblocks", 1))
+            bd_a = tuple(str(p) for p in value.get("target_modules_bd_a") or ())
+            bd_b = tuple(str(p) for p in value.get("target_modules_bd_b") or ())
+        except (AttributeError, TypeError, ValueError) as e:
+            raise AdapterError(f"invalid use_bdlora: {e}", path=path) from e
+        if nblocks <= 0:
+            raise AdapterError(f"use_bdlora.nblocks must be positive, got {nblocks}", path=path)
+        return cls(nblocks, bd_a, bd_b)
+
+    def of(self, module: str) -> tuple[int, int]:
+        """(blocks of lora_A, blocks of lora_B) for ``module``: PEFT tests the patterns as
+        substrings of the full module name."""
+        in_a = any(p in module for p in self.bd_a)
+        in_b = any(p in module for p in self.bd_b)
+        if in_a and in_b:
+            raise AdapterError(f"{module} matches both target_modules_bd_a and _bd_b")
+        return (self.nblocks if in_a else 1), (self.nblocks if in_b else 1)
+
+
+def _target_parameters(path: Path, raw: Mapping[str, Any]) -> tuple[str, ...]:
+    value = raw.get("target_parameters")
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise AdapterError("target_parameters must be a list of parameter names", path=path)
+    return tuple(str(v) for v in value)
 
 
 def _tuple_list(value: Any) -> tuple[Any, ...] | None:
@@ -196,6 +262,43 @@ class LoraModule:
     scaling: float
     lora_b_bias: TensorInfo | None = None
     magnitude: TensorInfo | None = None
+    diag: TensorInfo | None = None
+    blocks_a: int = 1
+    blocks_b: int = 1
+    parameters: tuple[str, ...] = ()
+    depth: int = 0
+    owner: str | None = None
+
+    # The variants above, each as PEFT stores it:
+    #  diag      KaSA: delta = scaling · (B · diag) @ A, the base truncated by SVD first.
+    #  blocks_*  BD-LoRA: A (r, in / n) or B (out, r / n) holds n diagonal blocks.
+    #  parameters / depth   target_parameters: LoRA on the raw parameter ``module.<p>``, p one
+    #            of ``parameters``; ``depth`` counts the ``.base_layer`` of nested wrappers.
+    #  owner     nn.MultiheadAttention: these are the out_proj factors of module ``owner``.
+
+    @property
+    def variant(self) -> str | None:
+        """The name of the LoRA variant these tensors belong to, None for plain LoRA."""
+        if self.diag is not None:
+            return "KaSA"
+        if self.blocks_a > 1 or self.blocks_b > 1:
+            return "BD-LoRA"
+        if self.parameters:
+            return "target_parameters"
+        if self.owner is not None:
+            return "nn.MultiheadAttention"
+        return None
+
+    @property
+    def a_shape(self) -> tuple[int, ...]:
+        """lora_A's shape with its diagonal blocks laid out (BD-LoRA), else as stored."""
+        a = self.lora_a.shape
+        return (a[0], a[1] * self.blocks_a, *a[2:]) if len(a) >= 2 else a
+
+    @property
+    def b_shape(self) -> tuple[int, ...]:
+        b = self.lora_b.shape
+        return (b[0], b[1] * self.blocks_b, *b[2:]) if len(b) >= 2 else b
 
 
 @dataclass
@@ -242,27 +345,51 @@ class Adapter:
         if config.lora_bias or any(m.lora_b_bias is not None for m in self.modules.values()):
             raise AdapterError(f"has lora_B biases (lora_bias), which {command} does not support",
                                path=config.path)  # fmt: skip
+        variant = next((m.variant for m in self.modules.values() if m.variant), None)
+        for key, name in _VARIANT_FIELDS.items():
+            if variant is None and config.raw.get(key):
+                variant = name
+        if variant is not None:
+            raise AdapterError(
+                f"is a {variant} adapter; {command} writes plain LoRA factors, which cannot "
+                "express it", path=config.path, hint="merge it into its base instead",
+            )  # fmt: skip
 
 
 def _split_lora_key(path: Path, name: str, rest: str) -> tuple[str, str] | None:
-    """Split ``<module>.lora_A[.<adapter>].weight`` into (module, part); None if not LoRA."""
+    """Split ``<path>.lora_A[.<adapter>].weight`` into (module path, part); None if not LoRA.
+
+    The module path keeps PEFT's ``.base_layer`` segments (nested target_parameters wrappers,
+    nn.MultiheadAttention's out_proj); part is ``""`` for training-only variant state."""
     segments = rest.split(".")
-    at = next((i for i, s in enumerate(segments) if s in _LORA_PARTS), None)
+    at = next((i for i, s in enumerate(segments) if s in _LORA_PARTS | _TRAINING_PARTS), None)
     if at is None:
         return None
     module, attr = ".".join(segments[:at]), segments[at]
+    if attr in _TRAINING_PARTS:
+        return module, ""
     tail = segments[at + 1 :]
     suffix = tail[-1] if tail and tail[-1] in ("weight", "bias") else None
     named = tail[:-1] if suffix else tail
-    if len(named) > 1 or not module:
+    if len(named) > 1 or not module or module.split(".")[0] == "base_layer":
         raise AdapterError("cannot parse this LoRA tensor name", path=path, tensor=name)
-    if ".base_layer" in f".{module}" or module.endswith("base_layer"):
-        raise AdapterError(
-            "LoRA on raw parameters (target_parameters) or nn.MultiheadAttention is not supported",
-            path=path,
-            tensor=name,
-        )
     return module, attr + (f".{suffix}" if suffix == "bias" else "")
+
+
+def _unwrap(path: str) -> tuple[str, int, str | None]:
+    """A module path as stored -> (module, nesting depth, owner). ``M.base_layer.base_layer``
+    is M with depth 2 (nested target_parameters wrappers); ``M.base_layer.out_proj`` is the
+    out_proj that PEFT's nn.MultiheadAttention wrapper M holds (owner M)."""
+    segments = path.split(".")
+    depth = 0
+    while segments and segments[-1] == "base_layer":
+        segments.pop()
+        depth += 1
+    owner = None
+    if "base_layer" in segments:
+        owner = ".".join(segments[: segments.index("base_layer")])
+        segments = [s for s in segments if s != "base_layer"]
+    return ".".join(segments), depth, owner
 
 
 def _collect(
@@ -282,37 +409,74 @@ def _collect(
         split = _split_lora_key(path, info.name, rest)
         if split is None:
             plain[rest] = info
-        else:
+        elif split[1]:  # "": VeLoRA / MonteCLoRA training state, not part of the merge
             lora.setdefault(split[0], {})[split[1]] = info
     return lora, plain
 
 
-def _lora_module(config: AdapterConfig, module: str, t: dict[str, TensorInfo]) -> LoraModule:
+def _lora_module(config: AdapterConfig, path: str, t: dict[str, TensorInfo]) -> LoraModule:
+    module, depth, owner = _unwrap(path)
     embedding = "lora_embedding_A" in t or "lora_embedding_B" in t
     a = t.get("lora_embedding_A" if embedding else "lora_A")
     b = t.get("lora_embedding_B" if embedding else "lora_B")
     where = config.path.parent / ADAPTER_WEIGHTS_NAME
     if a is None or b is None:
         raise AdapterError(
-            "has only one of the two LoRA factors", path=where, tensor=module,
+            "has only one of the two LoRA factors", path=where, tensor=path,
             hint="the adapter file is incomplete",
         )  # fmt: skip
-    rank = a.shape[0] if a.shape else 0
-    if len(a.shape) < 2 or len(b.shape) < 2 or b.shape[1] != rank:
+    parameters = () if owner is not None else config.parameters_of(module)
+    if depth and not parameters:
         raise AdapterError(
-            f"lora_A {a.shape} and lora_B {b.shape} do not share a rank", path=where, tensor=module
+            "nested LoRA factors, but target_parameters names no parameter of this module",
+            path=where, tensor=a.name,
+        )  # fmt: skip
+    named = owner if owner is not None else (f"{module}.{parameters[0]}" if parameters else module)
+    blocks_a, blocks_b = config.blocks.of(module) if config.blocks else (1, 1)
+    lm = LoraModule(
+        module, a, b, embedding, a.shape[0] if a.shape else 0, config.alpha_of(named),
+        config.scaling_of(named), t.get("lora_B.bias"), t.get("lora_magnitude_vector"),
+        t.get("lora_diag"), blocks_a, blocks_b, parameters, depth, owner,
+    )  # fmt: skip
+    _check_rank(config, lm, named, where)
+    return dataclasses.replace(lm, rank=lm.rank // max(1, _experts(config, lm, named)))
+
+
+def _experts(config: AdapterConfig, lm: LoraModule, named: str) -> int:
+    """Experts of a target_parameters stack (A holds r rows per expert); 1 otherwise."""
+    rank = config.rank_of(named)
+    return lm.rank // rank if lm.parameters and lm.rank % rank == 0 else 1
+
+
+def _check_rank(config: AdapterConfig, lm: LoraModule, named: str, where: Path) -> None:
+    a, b = lm.a_shape, lm.b_shape
+    if len(a) < 2 or len(b) < 2 or b[1] != lm.rank:
+        conv = len(a) > 2 and len(b) > 2 and b[1] > 0 and lm.rank % b[1] == 0
+        groups = lm.rank // b[1] if conv else 0
+        if groups > 1:
+            raise AdapterError(
+                f"LoRA on a grouped convolution (lora_B {b} holds rank {lm.rank} in {groups} "
+                "groups); PEFT cannot merge LoRA into grouped convolutions either",
+                path=where, tensor=lm.module, hint="keep this adapter unmerged",
+            )  # fmt: skip
+        raise AdapterError(
+            f"lora_A {a} and lora_B {b} do not share a rank", path=where, tensor=lm.module
         )
-    if config.rank_of(module) != rank:
+    if lm.diag is not None and lm.diag.shape != (lm.rank,):
+        raise AdapterError(f"lora_diag {lm.diag.shape} does not fit rank {lm.rank}",
+                           path=where, tensor=lm.diag.name)  # fmt: skip
+    if config.kasa and lm.diag is None:
+        raise AdapterError("kasa_config is set but the module has no lora_diag",
+                           path=where, tensor=lm.module)  # fmt: skip
+    expected = config.rank_of(named)
+    experts = _experts(config, lm, named)
+    if expected * experts != lm.rank:
         raise AdapterError(
-            f"rank {rank} in the file but {config.rank_of(module)} in the config",
+            f"rank {lm.rank} in the file but {expected} in the config",
             path=where,
-            tensor=module,
+            tensor=lm.module,
             hint="PEFT would refuse to load it; fix r/rank_pattern in adapter_config.json",
         )
-    return LoraModule(
-        module, a, b, embedding, rank, config.alpha_of(module), config.scaling_of(module),
-        t.get("lora_B.bias"), t.get("lora_magnitude_vector"),
-    )  # fmt: skip
 
 
 def open_adapter(
@@ -360,19 +524,20 @@ def _build(
     lora, plain = _collect(checkpoint.path, checkpoint)
     adapter = Adapter(root, config, checkpoint)
     resolvable = config.rules.resolvable
-    if lora and not resolvable and not file_targets:
+    modules = [_lora_module(config, path, parts) for path, parts in lora.items()]
+    if any(not m.parameters for m in modules) and not resolvable and not file_targets:
         raise AdapterError(
             "target_modules is null and the base's model type has no PEFT default",
             path=config.path,
             hint="list target_modules in adapter_config.json",
         )
-    for module, parts in lora.items():
-        lm = _lora_module(config, module, parts)
+    for path, lm in zip(lora, modules, strict=True):
         linear = not lm.embedding and len(lm.lora_a.shape) == 2
-        if not resolvable or config.rules.selects(module, linear=linear):
-            adapter.modules[module] = lm
+        selected = lm.owner if lm.owner is not None else lm.module
+        if lm.parameters or not resolvable or config.rules.selects(selected, linear=linear):
+            adapter.modules[path] = lm
         else:
-            adapter.ignored.append(module)
+            adapter.ignored.append(path)
     copies = set()
     for rest, info in plain.items():
         segments = rest.split(".")

@@ -222,7 +222,9 @@ def merge(
     Each changed tensor is computed in float32 and rounded once; every other tensor is copied
     byte for byte. Tensor names, shard files, the index, metadata and the base's other files
     (config, tokenizer) are kept, so OUT loads with from_pretrained like BASE. Nothing appears
-    at OUT unless the whole run succeeds.
+    at OUT unless the whole run succeeds. Also merges target_parameters (MoE expert stacks),
+    nn.MultiheadAttention (out_proj delta added twice, as PEFT does), KaSA (base SVD-truncated
+    first), VeLoRA, MonteCLoRA and BD-LoRA adapters.
 
     \b
     Examples:

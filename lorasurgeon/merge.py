@@ -56,6 +56,8 @@ class ChangeKind(str, Enum):
     REPLACE = "replace"  # saved whole by the adapter (modules_to_save, trained biases)
     COPY = "copy"  # PEFT's copy of a LoRA-targeted embedding's base weight
     ROWS = "rows"  # trainable token rows replace base rows
+    EXPERTS = "experts"  # target_parameters on a stack of experts: + scaling · B_e @ A_e each
+    TRUNCATE = "truncate"  # KaSA: the base loses its r smallest singular components first
 
     def __str__(self) -> str:
         return self.value
@@ -179,10 +181,17 @@ class _Base:
 
 def _lora_change(
     index: int, adapter: Adapter, lm: LoraModule, base: _Base, scaling: float
-) -> tuple[str, Change]:
+) -> list[tuple[str, Change]]:
+    """The changes ``lm`` makes: one, or two for nn.MultiheadAttention's out_proj (PEFT adds
+    that delta twice: once itself, once through the wrapped out_proj's own merge)."""
+    if lm.parameters:
+        return [_parameter_change(index, adapter, lm, base, scaling)]
     where = adapter.checkpoint.path
-    w = base.find(lm.module + ".weight", adapter=adapter, tensor=lm.lora_a.name)
-    a, b = lm.lora_a.shape, lm.lora_b.shape
+    name = lm.module + ".weight"
+    if name not in base.tensors and lm.module + ".in_proj_weight" in base.tensors:
+        name = lm.module + ".in_proj_weight"  # nn.MultiheadAttention: q, k, v stacked
+    w = base.find(name, adapter=adapter, tensor=lm.lora_a.name)
+    a, b = lm.a_shape, lm.b_shape
     expected: list[tuple[int, ...]]
     if lm.embedding:
         expected, transposed = [(a[1], b[0])], True
@@ -207,6 +216,8 @@ def _lora_change(
             tensor=lm.lora_b.name,
             hint="was this adapter trained on a different base model?",
         )
+    if lm.diag is not None and (transposed or len(w.shape) != 2):
+        raise AdapterError("KaSA on a layer other than nn.Linear", path=where, tensor=lm.module)
     if lm.magnitude is not None:
         units = w.shape[1] if transposed else w.shape[0]
         if lm.magnitude.numel != units:
@@ -216,7 +227,64 @@ def _lora_change(
                 tensor=lm.magnitude.name,
             )
     kind = ChangeKind.DORA if lm.magnitude is not None else ChangeKind.LORA
-    return w.name, Change(index, kind, lm.module, lora=lm, transposed=transposed, scaling=scaling)
+    change = Change(index, kind, lm.module, lora=lm, transposed=transposed, scaling=scaling)
+    changes = [(w.name, change)] * (2 if lm.owner is not None else 1)
+    if lm.diag is not None:
+        changes.insert(0, (w.name, Change(index, ChangeKind.TRUNCATE, lm.module, lora=lm)))
+    return changes
+
+
+# transformers' MoE experts whose stacks are stored (E, in, out) (``is_transposed``); the
+# others (Mixtral, Qwen-MoE, ...) store (E, out, in).
+_TRANSPOSED_EXPERTS = frozenset({"gpt_oss", "aria", "aria_text", "openai_privacy_filter"})
+
+
+def _parameter_change(
+    index: int, adapter: Adapter, lm: LoraModule, base: _Base, scaling: float
+) -> tuple[str, Change]:
+    """LoRA on a raw parameter ``module.<p>`` (target_parameters): a 2-D parameter takes
+    ``scaling · B @ A`` as it is stored; a 3-D stack of E experts one delta per expert."""
+    where = adapter.checkpoint.path
+    a, b = lm.a_shape, lm.b_shape
+    experts = a[0] // lm.rank
+    fits: list[tuple[TensorInfo, bool]] = []
+    for param in lm.parameters:
+        info = base.tensors.get(f"{lm.module}.{param}")
+        if info is None:
+            continue
+        if experts == 1 and info.shape == (b[0], a[1]):
+            fits.append((info, False))
+        elif len(info.shape) == 3 and info.shape[0] == experts:
+            fits += [(info, False)] if info.shape[1:] == (b[0], a[1]) else []
+            fits += [(info, True)] if info.shape[1:] == (a[1], b[0]) else []
+    names = ", ".join(f"{lm.module}.{p}" for p in lm.parameters)
+    if not fits:
+        raise IncompatibleError(
+            f"LoRA of shape A {a}, B {b} on {experts} expert(s) fits no base tensor among {names}",
+            path=where,
+            tensor=lm.lora_a.name,
+            hint="was this adapter trained on a different base model? (fused expert stacks "
+            "that the checkpoint stores per expert are not supported yet)",
+        )
+    if len({info.name for info, _ in fits}) > 1:
+        raise AdapterError(
+            f"these factors fit several targeted parameters ({names}); which one they belong "
+            "to depends on the module's parameter order, which the checkpoint does not record",
+            path=where, tensor=lm.lora_a.name,
+        )  # fmt: skip
+    if len(fits) > 1:  # a square expert stack: only the architecture knows its layout
+        if base.model_type is None:
+            raise IncompatibleError(
+                "the expert stack is square, so whether it is stored (E, in, out) or "
+                "(E, out, in) cannot be told from shapes", path=where, tensor=lm.lora_a.name,
+                hint="give the base a config.json with its model_type",
+            )  # fmt: skip
+        fits = [f for f in fits if f[1] == (base.model_type in _TRANSPOSED_EXPERTS)]
+    info, transposed = fits[0]
+    kind = ChangeKind.EXPERTS if len(info.shape) == 3 else ChangeKind.LORA
+    return info.name, Change(
+        index, kind, lm.module, lora=lm, transposed=transposed, scaling=scaling
+    )
 
 
 def _bias_change(
@@ -312,8 +380,14 @@ def _adapter_changes(
                 path=adapter.checkpoint.path,
                 tensor=lm.module,
             )
+        if unmerge and lm.diag is not None:
+            raise OptionError(
+                "KaSA truncates the base weight by SVD before merging; the dropped singular "
+                "components are lost, so this merge cannot be undone",
+                path=adapter.checkpoint.path, tensor=lm.module,
+            )  # fmt: skip
         scaling = lm.scaling * weight * sign
-        changes.append(_lora_change(index, adapter, lm, base, scaling))
+        changes += _lora_change(index, adapter, lm, base, scaling)
         if lm.lora_b_bias is not None:
             changes.append(_bias_change(index, adapter, lm, base, scaling))
     changes += _token_changes(index, adapter, base, unmerge)
@@ -359,6 +433,12 @@ def _plan_tensors(
     unmerge: bool,
     dtype: str | None,
 ) -> tuple[TensorPlan, ...]:
+    kasa = [a for a in adapters if a.config.kasa]
+    if kasa and len(adapters) > 1:
+        raise AdapterError(
+            "is a KaSA adapter, which truncates the base weights it targets; PEFT refuses to "
+            "mix it with other adapters", path=kasa[0].config.path, hint="merge it alone",
+        )  # fmt: skip
     per_tensor: dict[str, list[Change]] = {}
     order = range(len(adapters) - 1, -1, -1) if unmerge else range(len(adapters))
     for i in order:

@@ -16,7 +16,10 @@ import torch
 
 from .errors import OptionError
 
-__all__ = ["AddDelta", "LoraDelta", "SetRows", "Update", "apply_updates", "resolve_device"]
+__all__ = [
+    "AddDelta", "ExpertDelta", "LoraDelta", "SetRows", "SvdTruncate", "Update", "apply_updates",
+    "block_diagonal", "resolve_device",
+]  # fmt: skip
 
 # About 4 MiB of float32 per block: large enough for fast kernels, small enough for cache.
 _BLOCK_ELEMENTS = 1 << 20
@@ -68,7 +71,58 @@ class SetRows:
     values: torch.Tensor
 
 
-Update = LoraDelta | AddDelta | SetRows
+@dataclass(frozen=True)
+class ExpertDelta:
+    """LoRA on a stack of E expert matrices (``target_parameters`` on a 3-D parameter), as
+    PEFT's ``ParamWrapper.get_delta_weight``: ``a``: (r·E, in), ``b``: (out, r·E); expert e
+    uses rows ``e·r .. e·r+r-1`` of A and the strided columns ``j·E + e`` of B, and
+    ``delta[e] = scaling · B_e @ A_e`` (out, in), or its transpose (in, out) when the stack is
+    stored (E, in, out) (``transposed``, transformers' ``is_transposed`` experts)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+    experts: int
+    transposed: bool = False
+
+    def full(self) -> torch.Tensor:
+        """The (E, out, in) or (E, in, out) delta in float32."""
+        a = self.a.reshape(self.experts, -1, self.a.shape[-1])  # (E, r, in)
+        b = self.b.reshape(self.b.shape[0], -1, self.experts)  # (out, r, E)
+        layout = "o r e, e r i -> e i o" if self.transposed else "o r e, e r i -> e o i"
+        return torch.einsum(layout, b, a) * self.scaling
+
+
+@dataclass(frozen=True)
+class SvdTruncate:
+    """Drop the ``rank`` smallest singular components of the (out, in) weight: KaSA's base
+    truncation (PEFT's ``KasaLinearVariant._truncate_base_weight``), W -> U_k · diag(S_k) · Vh_k
+    with k = min(out, in) - rank, from ``torch.linalg.svd`` of the float32 weight."""
+
+    rank: int
+
+    def apply(self, weight: torch.Tensor) -> torch.Tensor:
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        keep = min(weight.shape) - self.rank
+        truncated: torch.Tensor = (u[:, :keep] * s[:keep]) @ vh[:keep, :]
+        return truncated
+
+
+def block_diagonal(blocks: torch.Tensor, count: int) -> torch.Tensor:
+    """BD-LoRA's factor from its stored blocks (PEFT's ``weight_as_blockdiagonal_matrix``):
+    ``blocks`` (R, c) as stored is cut into ``count`` row chunks that
+    are laid on the diagonal of a (R, c · count) matrix, zeros elsewhere."""
+    chunks = torch.chunk(blocks, count, dim=0)
+    rows, cols = blocks.shape[0], blocks.shape[1] * count
+    out = torch.zeros(rows, cols, dtype=blocks.dtype, device=blocks.device)
+    at_row, at_col = 0, 0
+    for chunk in chunks:
+        out[at_row : at_row + chunk.shape[0], at_col : at_col + chunk.shape[1]] = chunk
+        at_row, at_col = at_row + chunk.shape[0], at_col + chunk.shape[1]
+    return out
+
+
+Update = LoraDelta | AddDelta | SetRows | ExpertDelta | SvdTruncate
 
 
 def resolve_device(device: str) -> torch.device:
@@ -118,6 +172,10 @@ def _apply_dense(
             current = _dora(current, start, u) if u.magnitude is not None else current + u.full()
         elif isinstance(u, AddDelta):
             current += u.delta.reshape(current.shape)
+        elif isinstance(u, ExpertDelta):
+            current += u.full().reshape(current.shape)
+        elif isinstance(u, SvdTruncate):
+            current = u.apply(current)
         else:
             current[u.indices] = u.values.reshape(-1, current.shape[1]).to(torch.float32)
     return current.to(out_dtype)

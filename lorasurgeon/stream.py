@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine import Computed
-from .merge import ChangeKind, MergePlan, TensorPlan
+from .merge import Change, ChangeKind, MergePlan, TensorPlan
 from .pipeline import BufferPool, Readahead, prefetch
 from .reader import DTYPE_SIZES, TensorFiles, TensorInfo, as_tensor
 
@@ -31,6 +31,8 @@ def _inputs(t: TensorPlan) -> list[TensorInfo]:
     for c in t.deltas:
         if c.lora is not None:
             needed += [c.lora.lora_a, c.lora.lora_b]
+            if c.lora.diag is not None:
+                needed.append(c.lora.diag)
             if c.kind is ChangeKind.DORA and c.lora.magnitude is not None:
                 needed.append(c.lora.magnitude)
         elif c.source is not None:
@@ -41,26 +43,40 @@ def _inputs(t: TensorPlan) -> list[TensorInfo]:
 def _updates(t: TensorPlan, loaded: Mapping[TensorInfo, Any], device: Any) -> list[Any]:
     import torch
 
-    from . import ops
-
     def get(info: TensorInfo) -> torch.Tensor:
         tensor: torch.Tensor = loaded[info].to(device=device, dtype=torch.float32)
         return tensor
 
-    updates: list[ops.Update] = []
-    for c in t.deltas:
-        if c.lora is not None:
-            a, b = get(c.lora.lora_a), get(c.lora.lora_b)
-            stored = c.lora.magnitude if c.kind is ChangeKind.DORA else None
-            magnitude = get(stored).reshape(-1) if stored is not None else None
-            a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-            updates.append(ops.LoraDelta(a2, b2, c.scaling, c.transposed, magnitude))
-        elif c.kind is ChangeKind.LORA_BIAS and c.source is not None:
-            updates.append(ops.AddDelta(get(c.source) * c.scaling))
-        elif c.kind is ChangeKind.ROWS and c.source is not None:
-            rows = torch.tensor(c.indices, dtype=torch.long, device=device)
-            updates.append(ops.SetRows(rows, get(c.source)))
-    return updates
+    updates = [_update(c, get, device) for c in t.deltas]
+    return [u for u in updates if u is not None]
+
+
+def _update(c: Change, get: Callable[[TensorInfo], Any], device: Any) -> Any:
+    """The ``ops`` update that carries out one planned change."""
+    import torch
+
+    from . import ops
+
+    lm = c.lora
+    if c.kind is ChangeKind.TRUNCATE and lm is not None:
+        return ops.SvdTruncate(lm.rank)
+    if lm is not None:
+        a, b = get(lm.lora_a), get(lm.lora_b)
+        a = ops.block_diagonal(a, lm.blocks_a) if lm.blocks_a > 1 else a
+        b = ops.block_diagonal(b, lm.blocks_b) if lm.blocks_b > 1 else b
+        b = b * get(lm.diag) if lm.diag is not None else b  # KaSA: (B · diag) @ A
+        if c.kind is ChangeKind.EXPERTS:
+            return ops.ExpertDelta(a, b, c.scaling, a.shape[0] // lm.rank, c.transposed)
+        stored = lm.magnitude if c.kind is ChangeKind.DORA else None
+        magnitude = get(stored).reshape(-1) if stored is not None else None
+        a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+        return ops.LoraDelta(a2, b2, c.scaling, c.transposed, magnitude)
+    if c.kind is ChangeKind.LORA_BIAS and c.source is not None:
+        return ops.AddDelta(get(c.source) * c.scaling)
+    if c.kind is ChangeKind.ROWS and c.source is not None:
+        rows = torch.tensor(c.indices, dtype=torch.long, device=device)
+        return ops.SetRows(rows, get(c.source))
+    return None
 
 
 @dataclass

@@ -358,13 +358,20 @@ def _assert_adapter_changes_base(peft_model: PeftModel, base: nn.Module) -> None
     ]
     assert targets, "the adapter wraps no module"
     for module in targets:
-        key = f"{module}.weight"
-        assert not torch.equal(merged_sd[key], base_sd[key]), (
-            f"{key}: merging the adapter leaves it unchanged (zero delta)"
+        # nn.MultiheadAttention keeps q/k/v in in_proj_weight and wraps out_proj in base_layer;
+        # target_parameters wrappers (nested by base_layer) change the module's own parameters
+        module = module.replace(".base_layer", "")
+        keys = [k for k in (f"{module}.weight", f"{module}.in_proj_weight") if k in base_sd][:1]
+        keys = keys or [k for k in base_sd if k.rpartition(".")[0] == module]
+        assert keys, f"{module}: no parameter in the base state dict"
+        assert any(not torch.equal(merged_sd[k], base_sd[k]) for k in keys), (
+            f"{keys}: merging the adapter leaves them unchanged (zero delta)"
         )
 
 
-def make_adapter(source: ModelSource, lora_config: LoraConfig, path: Path, seed: int) -> Path:
+def make_adapter(
+    source: ModelSource, lora_config: LoraConfig, path: Path, seed: int, *, check_merge: bool = True
+) -> Path:
     """Train-free PEFT adapter: wrap a fresh base, randomise what training changes, save.
 
     Args:
@@ -375,6 +382,8 @@ def make_adapter(source: ModelSource, lora_config: LoraConfig, path: Path, seed:
         path: the adapter directory to write (``adapter_config.json`` +
             ``adapter_model.safetensors``).
         seed: seeds the random trained values.
+        check_merge: assert that PEFT's merge changes every wrapped module (off for adapters
+            PEFT cannot merge, such as LoRA on grouped convolutions).
 
     Returns:
         ``path``.
@@ -385,7 +394,8 @@ def make_adapter(source: ModelSource, lora_config: LoraConfig, path: Path, seed:
         warnings.simplefilter("ignore")  # tied-weights and fan_in_fan_out notices
         peft_model = get_peft_model(base, copy.deepcopy(lora_config))
         _randomize_trained(peft_model, seed)
-        _assert_adapter_changes_base(peft_model, pristine)
+        if check_merge:
+            _assert_adapter_changes_base(peft_model, pristine)
         peft_model.save_pretrained(path)
     return path
 
