@@ -507,6 +507,11 @@ def _notes(adapters: Sequence[Adapter], locations: Sequence[Location]) -> tuple[
                 f"{loc}: {len(adapter.ignored)} module(s) with LoRA tensors are not selected by "
                 f"its adapter_config.json and are ignored, as PEFT does (e.g. {adapter.ignored[0]})"
             )
+        if adapter.unloaded:
+            notes.append(
+                f"{loc}: {len(adapter.unloaded)} stored tensor(s) name no parameter once PEFT "
+                f"wraps the model and are ignored, as PEFT does (e.g. {adapter.unloaded[0]})"
+            )
         if not adapter.modules and not adapter.replacements and not adapter.token_rows:
             notes.append(f"{loc}: the adapter changes nothing")
     return tuple(notes)

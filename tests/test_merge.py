@@ -302,6 +302,46 @@ CASES = {
         must_change=("conv.weight", "pointwise.weight", "head.weight"),
         must_keep=("conv.bias", "head.bias"),
     ),
+    # bias="all" also saves a modules_to_save module's bias as <m>.modules_to_save.bias and
+    # <m>.original_module.bias; PEFT's loader ignores the first and discards the second at merge.
+    "seq_cls_bias_all_modules_to_save_with_bias": Case(
+        "llama_seq_cls",
+        (lora("q_proj", "v_proj", task_type="SEQ_CLS", bias="all", modules_to_save=["down_proj"]),),
+        must_change=(
+            "model.layers.0.mlp.down_proj.bias",
+            "model.layers.1.mlp.down_proj.weight",
+            "model.layers.0.mlp.up_proj.bias",
+            "score.weight",
+        ),  # fmt: skip
+    ),
+    "seq_cls_bias_all_modules_to_save_and_trainable_tokens": Case(
+        "llama_seq_cls",
+        (
+            lora(
+                "q_proj",
+                task_type="SEQ_CLS",
+                bias="all",
+                modules_to_save=["o_proj"],
+                trainable_token_indices=[3, 5],
+            ),
+        ),  # fmt: skip
+        must_change=("model.layers.0.self_attn.o_proj.bias", "model.embed_tokens.weight"),
+    ),
+    "seq_cls_bias_all_targeted_module_in_modules_to_save": Case(
+        "llama_seq_cls",
+        (lora("q_proj", "v_proj", task_type="SEQ_CLS", bias="all", modules_to_save=["q_proj"]),),
+        must_change=(
+            "model.layers.0.self_attn.q_proj.bias",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.self_attn.v_proj.bias",
+        ),  # fmt: skip
+    ),
+    "seq_cls_bias_lora_only_modules_to_save": Case(
+        "llama_seq_cls",
+        (lora("q_proj", task_type="SEQ_CLS", bias="lora_only", modules_to_save=["up_proj"]),),
+        must_change=("model.layers.0.self_attn.q_proj.bias", "model.layers.1.mlp.up_proj.bias"),
+        must_keep=("model.layers.0.mlp.down_proj.bias",),
+    ),
     "conv2d_single_file_bf16": Case(
         "conv_net_bf16",
         (lora("conv", "pointwise", "head"),),
@@ -334,6 +374,21 @@ def test_merge_matches_peft_merge_and_unload(
     assert set(case.must_keep) <= report.unchanged, set(case.must_keep) - report.unchanged
     if base.is_file:
         assert out.is_file(), "a single-file base must give a single output file"
+
+
+def test_plain_weight_of_a_lora_module_is_ignored_as_peft_does(
+    llama_fp32: TinyBase, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    adapter = make_adapter(llama_fp32, lora("q_proj"), tmp_path / "a", seed=130)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    stray = "base_model.model.model.layers.0.self_attn.q_proj.weight"  # PEFT's: base_layer.weight
+    tensors[stray] = torch.full((32, 32), 7.0)
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    run_merge(llama_fp32, [adapter], tmp_path / "merged")
+    assert_matches_peft(tmp_path / "merged", peft_merge(llama_fp32, [adapter]), llama_fp32)
+    assert stray in caplog.text
 
 
 @pytest.mark.parametrize("base_name", ["llama_fp32", "llama_bf16"])
