@@ -459,10 +459,10 @@ def plan_merge(
         try:
             for loc in adapter_locs:
                 opened.append(open_adapter(loc.path, model_type=model_type))
+            _check_stated(layouts, opened)
             tensors = _plan_tensors(
                 _Base(checkpoint, model_type, layouts), opened, weights_t, unmerge, dtype_code
             )
-            _check_stated(layouts, opened)
             notes = _notes(opened, adapter_locs)
         finally:
             for adapter in opened:
