@@ -75,6 +75,13 @@ _REPORT = click.option(
 )  # fmt: skip
 
 
+_FAN_IN_FAN_OUT = click.option(
+    "--fan-in-fan-out", default=None, metavar="MODULES|all|none",
+    help="Which 2-D modules are GPT-2 Conv1D (stored in x out); needed when the base has no "
+    "config.json [default: from config.json].",
+)  # fmt: skip
+
+
 def _dtype_option(help_text: str) -> Callable[[F], F]:
     return click.option(
         "--dtype", type=click.Choice([d.value for d in api.DType]), default="auto",
@@ -210,12 +217,13 @@ def cli() -> None:
     default=None,
     help="Re-shard the output, e.g. 5GB [default: keep the base's shards].",
 )
+@_FAN_IN_FAN_OUT
 @click.option("--dry-run", is_flag=True, help="Print which tensors would change; write nothing.")
 @_compute_options
 def merge(
     base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], unmerge: bool,
-    dtype: str, max_shard_size: int | None, overwrite: bool, dry_run: bool, device: str,
-    quiet: bool, debug: bool,
+    dtype: str, max_shard_size: int | None, fan_in_fan_out: str | None, overwrite: bool,
+    dry_run: bool, device: str, quiet: bool, debug: bool,
 ) -> None:  # fmt: skip
     """Fold LoRA ADAPTERs into BASE, as PEFT's merge_and_unload() does.
 
@@ -234,7 +242,8 @@ def merge(
     """
     _check_weights(weights, adapters)
     options = dict(weights=list(weights) or None, unmerge=unmerge, dtype=dtype,
-                   max_shard_size=max_shard_size)  # fmt: skip
+                   max_shard_size=max_shard_size,
+                   fan_in_fan_out=_fan_in_fan_out(fan_in_fan_out))  # fmt: skip
     if dry_run:
         plan = api.plan_merge(base, adapters, out, **options)  # type: ignore[arg-type]
         _echo(render.merge_plan_lines(plan), err=False)
@@ -252,6 +261,19 @@ def merge(
 
 def _split(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
+def _fan_in_fan_out(text: str | None) -> list[str] | str | None:
+    """--fan-in-fan-out as the API takes it: "all", "none" or module names."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("all", "none"):
+        return text.strip().lower()
+    names = _split(text)
+    if not names:
+        raise click.BadParameter("give all, none, or comma-separated module names",
+                                 param_hint="--fan-in-fan-out")  # fmt: skip
+    return names
 
 
 @cli.command()
@@ -282,7 +304,8 @@ def _split(text: str | None) -> list[str] | None:
     "--exclude-modules",
     default=None,
     metavar="LIST",
-    help="Comma-separated module names never extracted.",
+    help="Comma-separated module names never extracted; their tensors may also be missing "
+    "from one checkpoint or differ in shape.",
 )
 @click.option(
     "--layers-to-transform",
@@ -311,13 +334,15 @@ def _split(text: str | None) -> list[str] | None:
     help="Modules stored whole instead, e.g. embed_tokens,lm_head.",
 )
 @_dtype_option("dtype of the stored factors; auto: the base weight's.")
+@_FAN_IN_FAN_OUT
 @_compute_options
 def extract(
     base: str, tuned: str, out: str, rank: int, alpha: float | None, target_modules: str,
     exclude_modules: str | None, layers_to_transform: str | None, layers_pattern: str | None,
     rank_method: str, energy: float | None, param_budget: int | None, min_rank: int,
     max_rank: int | None, svd: str, save_modules: str | None, dtype: str,
-    report_path: str | None, overwrite: bool, device: str, quiet: bool, debug: bool,
+    fan_in_fan_out: str | None, report_path: str | None, overwrite: bool, device: str,
+    quiet: bool, debug: bool,
 ) -> None:  # fmt: skip
     """Extract a LoRA adapter from TUNED - BASE by truncated SVD.
 
@@ -347,7 +372,8 @@ def extract(
             exclude_modules=_split(exclude_modules), layers_to_transform=layers,
             layers_pattern=_split(layers_pattern), rank_method=rank_method, energy=energy,
             param_budget=param_budget, min_rank=min_rank, max_rank=max_rank, svd=svd,
-            save_modules=_split(save_modules) or (), dtype=dtype, device=device,
+            save_modules=_split(save_modules) or (), dtype=dtype,
+            fan_in_fan_out=_fan_in_fan_out(fan_in_fan_out), device=device,
             overwrite=overwrite, progress=bar,
         )  # fmt: skip
     finally:

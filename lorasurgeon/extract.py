@@ -41,8 +41,10 @@ from .reader import (
 )
 from .targets import (
     INPUT_EMBEDDING_NAMES,
+    OUTPUT_EMBEDDING_NAMES,
+    Layout,
+    LayoutRules,
     TargetRules,
-    is_conv1d_module,
 )
 from .writer import DType, OutputTensor
 
@@ -118,15 +120,27 @@ class ExtractReport:
         return report_dict(self)
 
 
-def _layout(module: str, info: TensorInfo, model_type: str | None) -> str | None:
-    last = module.rsplit(".", 1)[-1]
+def _kind(module: str, info: TensorInfo) -> str | None:
+    """``conv``, ``embedding``, ``matrix`` (a 2-D weight: Linear or Conv1D) or None."""
     if len(info.shape) in (3, 4, 5):
         return "conv"
     if len(info.shape) != 2:
         return None
-    if last in _EMBEDDING_MODULES:
-        return "embedding"
-    return "conv1d" if is_conv1d_module(model_type, module) else "linear"
+    return "embedding" if module.rsplit(".", 1)[-1] in _EMBEDDING_MODULES else "matrix"
+
+
+def _layout(module: str, info: TensorInfo, layouts: LayoutRules, where: Path) -> str:
+    """``linear`` or ``conv1d`` for a selected 2-D weight; refused where nothing tells."""
+    layout = layouts.layout(module)
+    if layout is Layout.UNKNOWN:
+        raise IncompatibleError(
+            f"neither checkpoint has a config.json with a model_type, so whether this {info.shape} "
+            "weight is an nn.Linear (stored (out, in)) or a GPT-2 Conv1D (stored (in, out)) "
+            "cannot be known", path=where, tensor=info.name,
+            hint="state it with --fan-in-fan-out MODULES|all|none (the Conv1D modules), or give "
+            "the base as a directory holding its config.json",
+        )  # fmt: skip
+    return str(layout.value)
 
 
 def _rules(
@@ -145,25 +159,51 @@ def _rules(
     )
 
 
-def _pair(base: Checkpoint, tuned: Checkpoint, name: str, where: Path) -> TensorInfo:
-    info = tuned.tensors.get(name)
+def _vocabulary_hint(module: str, base: TensorInfo, tuned: TensorInfo) -> str | None:
+    last = module.rsplit(".", 1)[-1]
+    embeddings = (*_EMBEDDING_MODULES, *OUTPUT_EMBEDDING_NAMES)
+    if last not in embeddings or len(base.shape) != 2 or base.shape[1:] != tuned.shape[1:]:
+        return None
+    rows = tuned.shape[0]
+    return (
+        f"the vocabulary was resized from {base.shape[0]} to {rows} tokens: store the resized "
+        f"modules whole with --save-modules (e.g. embed_tokens,lm_head), and resize the base to "
+        f"{rows} tokens (model.resize_token_embeddings({rows})) before PEFT loads the adapter; "
+        "or leave them out with --exclude-modules"
+    )
+
+
+def _mismatch(where: Path, module: str, base: TensorInfo | None,
+              tuned: TensorInfo | None) -> IncompatibleError:  # fmt: skip
+    """The error for a tensor missing from one checkpoint or with another shape there."""
+    last = module.rsplit(".", 1)[-1] or module
+    hint = f"leave its module out with --exclude-modules {last}"
+    if tuned is None or base is None:
+        name = base.name if base is not None else tuned.name if tuned is not None else module
+        side = "the base but not in the tuned" if tuned is None else "the tuned but not the base"
+        return IncompatibleError(f"is in {side} checkpoint", path=where, tensor=name, hint=hint)
+    return IncompatibleError(
+        f"shape {tuned.shape} in the tuned checkpoint, {base.shape} in the base", path=where,
+        tensor=base.name, hint=_vocabulary_hint(module, base, tuned) or hint,
+    )  # fmt: skip
+
+
+def _pair(base: Checkpoint, tuned: Checkpoint, name: str, *, resized: bool = False) -> TensorInfo:
+    """The tuned tensor of base tensor ``name``; ``resized`` allows more or fewer rows (a
+    module stored whole after a vocabulary resize)."""
+    info, mine = tuned.tensors.get(name), base.tensors[name]
+    module = name.rpartition(".")[0]
     if info is None:
-        raise IncompatibleError(
-            "is in the base but not in the tuned checkpoint", path=where, tensor=name,
-            hint="exclude it with --exclude-modules",
-        )  # fmt: skip
-    if info.shape != base.tensors[name].shape:
-        raise IncompatibleError(
-            f"shape {info.shape} in the tuned checkpoint, {base.tensors[name].shape} in the base",
-            path=where, tensor=name, hint="exclude it with --exclude-modules",
-        )  # fmt: skip
+        raise _mismatch(tuned.path, module, mine, None)
+    if info.shape != mine.shape and not (resized and _vocabulary_hint(module, mine, info)):
+        raise _mismatch(tuned.path, module, mine, info)
     return info
 
 
-def _selected(rules: TargetRules, module: str, layout: str | None, save: bool) -> bool:
-    if layout is None or save:
+def _selected(rules: TargetRules, module: str, kind: str | None, save: bool) -> bool:
+    if kind is None or save:
         return False
-    linear = layout in ("linear", "conv1d")
+    linear = kind == "matrix"
     if rules.all_linear:
         return linear and rules.selects(module)
     return rules.selects(module, linear=linear)
@@ -178,40 +218,76 @@ def plan_extraction(
     layers_to_transform: Sequence[int] | None = None,
     layers_pattern: Sequence[str] | None = None,
     save_modules: Sequence[str] = (),
+    fan_in_fan_out: Sequence[str] | str | None = None,
 ) -> ExtractPlan:
     """Select the weights to extract with PEFT's targeting rules, from headers alone.
 
+    Every tensor must be in both checkpoints with one shape, unless its module is in
+    ``exclude_modules``; modules in ``save_modules`` may have more or fewer rows (a resized
+    vocabulary). ``fan_in_fan_out`` states which 2-D weights are GPT-2 ``Conv1D`` (see
+    ``extract``).
+
     Raises:
-        LocationError, CheckpointError, IncompatibleError: a selected weight is missing from the
-            tuned checkpoint or has another shape there.
+        LocationError, CheckpointError, IncompatibleError: a tensor is missing from one
+            checkpoint or has another shape there; a 2-D weight's layout cannot be known.
+        OptionError: nothing to extract; ``fan_in_fan_out`` contradicts config.json.
     """
     base_loc = resolve(base, role=Role.CHECKPOINT)
     tuned_loc = resolve(tuned, role=Role.CHECKPOINT)
-    config = read_config(base_loc.path)
+    config = _model_config(base_loc.path, tuned_loc.path)
     model_type = config.get("model_type")
     rules = _rules(target_modules, exclude_modules, layers_to_transform, layers_pattern,
                    save_modules, model_type)  # fmt: skip
-    modules, saved, others = [], [], []
+    layouts = LayoutRules.from_config(config, fan_in_fan_out)
     with open_checkpoint(base_loc.path) as b, open_checkpoint(tuned_loc.path) as t:
-        for name, info in b.tensors.items():
-            module, _, param = name.rpartition(".")
-            save = _is_saved(module, save_modules)
-            layout = _layout(module, info, model_type) if param == "weight" else None
-            if _selected(rules, module, layout, save) and layout is not None:
-                if info.dtype not in FLOAT_DTYPES:
-                    raise IncompatibleError(f"cannot extract from a {info.dtype} tensor",
-                                            path=b.path, tensor=name)  # fmt: skip
-                modules.append(ExtractModule(module, info, _pair(b, t, name, t.path), layout))
-            elif save:
-                saved.append((info, _pair(b, t, name, t.path)))
-            elif name in t.tensors and t.tensors[name].shape == info.shape:
-                others.append((info, t.tensors[name]))
+        modules, saved, others = _plan_tensors(b, t, rules, layouts, save_modules)
+    unused = layouts.unused_names([m.module for m in modules if m.layout != "embedding"])
+    if unused:
+        raise OptionError(f"--fan-in-fan-out names {', '.join(unused)}, which matches no "
+                          "extracted 2-D weight")  # fmt: skip
     if not modules:
         raise OptionError("no weight matches the target modules", hint="check --target-modules")
     architectures = config.get("architectures") or []
     task = "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None
     return ExtractPlan(base_loc, tuned_loc, tuple(modules), tuple(saved), tuple(others),
                        model_type, task)  # fmt: skip
+
+
+def _model_config(base: Path, tuned: Path) -> dict[str, Any]:
+    """The base's config.json, else the tuned checkpoint's (the same architecture)."""
+    config = read_config(base)
+    return config if config.get("model_type") else read_config(tuned) or config
+
+
+def _plan_tensors(
+    b: Checkpoint, t: Checkpoint, rules: TargetRules, layouts: LayoutRules,
+    save_modules: Sequence[str],
+) -> tuple[list[ExtractModule], list[tuple[TensorInfo, TensorInfo]],
+           list[tuple[TensorInfo, TensorInfo]]]:  # fmt: skip
+    """Every base tensor: extracted, stored whole, or compared only (``others``). A tensor on
+    one side only, or with another shape, is an error unless its module is excluded."""
+    modules, saved, others = [], [], []
+    for name, info in b.tensors.items():
+        module, _, param = name.rpartition(".")
+        save = _is_saved(module, save_modules)
+        kind = _kind(module, info) if param == "weight" else None
+        if _selected(rules, module, kind, save) and kind is not None:
+            if info.dtype not in FLOAT_DTYPES:
+                raise IncompatibleError(f"cannot extract from a {info.dtype} tensor",
+                                        path=b.path, tensor=name)  # fmt: skip
+            layout = _layout(module, info, layouts, b.path) if kind == "matrix" else kind
+            modules.append(ExtractModule(module, info, _pair(b, t, name), layout))
+        elif save:
+            saved.append((info, _pair(b, t, name, resized=True)))
+        elif name in t.tensors and t.tensors[name].shape == info.shape:
+            others.append((info, t.tensors[name]))
+        elif not rules.excludes(module):
+            raise _mismatch(t.path, module, info, t.tensors.get(name))
+    for name, info in t.tensors.items():
+        module = name.rpartition(".")[0]
+        if name not in b.tensors and not rules.excludes(module):
+            raise _mismatch(t.path, module, None, info)
+    return modules, saved, others
 
 
 def _is_saved(module: str, save_modules: Sequence[str]) -> bool:
@@ -442,7 +518,8 @@ def _not_in_adapter(
         energy = _squared_difference(b, t, files)
         if energy is not None:
             changed.append((b.name, energy))
-    saved = sum(_squared_difference(b, t, files) or 0.0 for b, t in plan.saved)
+    saved = sum(_squared_difference(b, t, files) or 0.0 for b, t in plan.saved
+                if b.shape == t.shape)  # fmt: skip
     total = module_energy + saved + sum(e for _, e in changed)
     rows = [
         {"tensor": name, "share": (e / total if total else 0.0)}
@@ -480,6 +557,7 @@ def extract(
     svd: str = "randomized",
     save_modules: Sequence[str] = (),
     dtype: str = "auto",
+    fan_in_fan_out: Sequence[str] | str | None = None,
     device: str = "auto",
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
@@ -503,8 +581,14 @@ def extract(
             where they remove the most squared error).
         min_rank, max_rank: bounds of every rank (max defaults to 128 for energy/budget).
         svd: ``randomized`` (default) or ``exact``.
-        save_modules: modules stored whole (e.g. ``["embed_tokens", "lm_head"]``).
+        exclude_modules: modules never extracted; their tensors may also be missing from one
+            checkpoint or differ in shape (any other such tensor is an error).
+        save_modules: modules stored whole (e.g. ``["embed_tokens", "lm_head"]``); after a
+            vocabulary resize they keep the tuned rows (the base must be resized to load them).
         dtype: factor dtype; ``auto`` is each weight's dtype in the base.
+        fan_in_fan_out: which 2-D weights are GPT-2 ``Conv1D`` (stored (in, out)): ``"all"``,
+            ``"none"``, or module names (the others are ``nn.Linear``). Needed only when
+            neither checkpoint has a config.json; a contradiction with it is an error.
 
     Raises:
         LocationError, CheckpointError, IncompatibleError, OptionError, OutputError.
@@ -515,7 +599,7 @@ def extract(
     plan = plan_extraction(
         base, tuned, target_modules=target_modules, exclude_modules=exclude_modules,
         layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
-        save_modules=save_modules,
+        save_modules=save_modules, fan_in_fan_out=fan_in_fan_out,
     )  # fmt: skip
     out_path = engine.check_output(out, [plan.base.path, plan.tuned.path], overwrite=overwrite)
     _read_ahead(plan)  # the disk starts on the first modules while torch is imported
@@ -550,6 +634,9 @@ def extract(
     total_params = sum(int(t.numel()) for _, t in tensors)
     notes = [f"{row['tensor']} differs ({row['share']:.2%} of the update) but is not in the "
              "adapter" for row in others if row["share"] >= 0.01]  # fmt: skip
+    notes += [f"{t.name} is stored whole with {t.shape[0]} rows (the base has {b.shape[0]}): "
+              f"resize the base to {t.shape[0]} tokens before loading the adapter"
+              for b, t in plan.saved if b.shape != t.shape]  # fmt: skip
     for note in notes:
         logger.warning(note)
     return ExtractReport(

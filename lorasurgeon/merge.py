@@ -28,7 +28,7 @@ from .reader import (
     read_config,
     side_files,
 )
-from .targets import INPUT_EMBEDDING_NAMES, OUTPUT_EMBEDDING_NAMES, is_conv1d_module
+from .targets import INPUT_EMBEDDING_NAMES, OUTPUT_EMBEDDING_NAMES, Layout, LayoutRules
 from .writer import (
     DType,
     OutputLayout,
@@ -156,6 +156,7 @@ class _Base:
 
     checkpoint: Checkpoint
     model_type: str | None
+    layouts: LayoutRules = field(default_factory=LayoutRules)
     tensors: Mapping[str, TensorInfo] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -204,11 +205,8 @@ def _lora_change(
                 tensor=lm.lora_a.name,
             )
         expected, transposed = [(b[0], *a[1:])], False
-    elif is_conv1d_module(base.model_type, lm.module):
-        expected, transposed = [(a[1], b[0])], True
     else:
-        expected = [(b[0], a[1]), (a[1], b[0])]  # nn.Linear, else an unknown Conv1D model
-        transposed = w.shape == expected[1] and w.shape != expected[0]
+        expected, transposed = _matrix_shapes(adapter, lm, base, w)
     if w.shape not in expected or any(d != 1 for d in b[2:]):
         raise IncompatibleError(
             f"delta shape {expected[0]} does not fit base tensor {w.name} {w.shape}",
@@ -285,6 +283,31 @@ def _parameter_change(
     return info.name, Change(
         index, kind, lm.module, lora=lm, transposed=transposed, scaling=scaling
     )
+
+
+def _matrix_shapes(
+    adapter: Adapter, lm: LoraModule, base: _Base, w: TensorInfo
+) -> tuple[list[tuple[int, ...]], bool]:
+    """The base shapes a 2-D LoRA fits, and whether the delta is transposed: nn.Linear stores
+    (out, in), GPT-2 ``Conv1D`` (in, out) (fan_in_fan_out). Without a known layout only a
+    non-square shape tells them apart; a square one is refused, never guessed."""
+    a, b = lm.a_shape, lm.b_shape
+    linear, conv1d = (b[0], a[1]), (a[1], b[0])
+    layout = base.layouts.layout(lm.module)
+    if layout is Layout.CONV1D:
+        return [conv1d], True
+    if layout is Layout.LINEAR or w.shape != conv1d:
+        return [linear], False
+    if w.shape == linear:  # square, and nothing says which
+        raise IncompatibleError(
+            f"base tensor {w.name} is square {w.shape}, so whether it is an nn.Linear (stored "
+            "(out, in)) or a GPT-2 Conv1D (stored (in, out), transposed) cannot be told from "
+            "shapes, and the base has no config.json with a model_type",
+            path=adapter.checkpoint.path, tensor=lm.lora_b.name,
+            hint="state it with --fan-in-fan-out MODULES|all|none (the Conv1D modules), or "
+            "give the base as a directory holding its config.json",
+        )  # fmt: skip
+    return [conv1d], True
 
 
 def _bias_change(
@@ -488,12 +511,14 @@ def plan_merge(
     unmerge: bool = False,
     dtype: str = "auto",
     max_shard_size: int | str | None = None,
+    fan_in_fan_out: Sequence[str] | str | None = None,
 ) -> MergePlan:
     """Work out a merge from headers alone; nothing is computed or written.
 
     Every error visible in metadata surfaces here: adapters that don't fit the base, unsupported
     adapter kinds, what cannot be unmerged. ``plan.changes`` says which base tensors change and
-    by which adapter (what ``--dry-run`` prints).
+    by which adapter (what ``--dry-run`` prints). ``fan_in_fan_out`` states which 2-D modules
+    are GPT-2 ``Conv1D`` (see ``merge``).
 
     Raises:
         LocationError, CheckpointError, AdapterError, IncompatibleError, OptionError.
@@ -505,14 +530,17 @@ def plan_merge(
     output_is_file = base_loc.path.is_file()
     if output_is_file and shard_limit is not None:
         raise OptionError("--max-shard-size needs a base directory (the output is one file)")
-    model_type = read_config(base_loc.path).get("model_type")
+    config = read_config(base_loc.path)
+    model_type = config.get("model_type")
+    layouts = LayoutRules.from_config(config, fan_in_fan_out)
     with open_checkpoint(base_loc.path) as checkpoint:
         opened: list[Adapter] = []
         try:
             for loc in adapter_locs:
                 opened.append(open_adapter(loc.path, model_type=model_type))
+            _check_stated(layouts, checkpoint)
             tensors = _plan_tensors(
-                _Base(checkpoint, model_type), opened, weights_t, unmerge, dtype_code
+                _Base(checkpoint, model_type, layouts), opened, weights_t, unmerge, dtype_code
             )
             notes = _notes(opened, adapter_locs)
         finally:
@@ -528,6 +556,19 @@ def plan_merge(
         base_loc, adapter_locs, weights_t, unmerge, tensors, layout, output_is_file,
         tuple(files), _config_text(base_loc, dtype_code), notes,
     )  # fmt: skip
+
+
+def _check_stated(layouts: LayoutRules, checkpoint: Checkpoint) -> None:
+    """Names in --fan-in-fan-out must each match a 2-D weight of the base (a typo would
+    otherwise leave a Conv1D module taken for a Linear one)."""
+    modules = [name.removesuffix(".weight") for name, info in checkpoint.tensors.items()
+               if name.endswith(".weight") and len(info.shape) == 2]  # fmt: skip
+    unused = layouts.unused_names(modules)
+    if unused:
+        raise OptionError(
+            f"--fan-in-fan-out names {', '.join(unused)}, which matches no 2-D weight of the "
+            "base", hint="name the base's Conv1D modules",
+        )  # fmt: skip
 
 
 def _shard_limit(max_shard_size: int | str | None) -> int | None:
@@ -546,6 +587,11 @@ def _notes(adapters: Sequence[Adapter], locations: Sequence[Location]) -> tuple[
             notes.append(
                 f"{loc}: {len(adapter.ignored)} module(s) with LoRA tensors are not selected by "
                 f"its adapter_config.json and are ignored, as PEFT does (e.g. {adapter.ignored[0]})"
+            )
+        if adapter.unloaded:
+            notes.append(
+                f"{loc}: {len(adapter.unloaded)} stored tensor(s) name no parameter once PEFT "
+                f"wraps the model and are ignored, as PEFT does (e.g. {adapter.unloaded[0]})"
             )
         if not adapter.modules and not adapter.replacements and not adapter.token_rows:
             notes.append(f"{loc}: the adapter changes nothing")
@@ -573,6 +619,7 @@ def merge(
     unmerge: bool = False,
     dtype: str = "auto",
     max_shard_size: int | str | None = None,
+    fan_in_fan_out: Sequence[str] | str | None = None,
     overwrite: bool = False,
     device: str = "auto",
     progress: ProgressCallback | None = None,
@@ -595,6 +642,10 @@ def merge(
         dtype: ``auto`` keeps each tensor's dtype; ``float32``/``float16``/``bfloat16`` converts
             every floating-point tensor.
         max_shard_size: re-shard the output (bytes, or text like ``"5GB"``).
+        fan_in_fan_out: which 2-D modules are GPT-2 ``Conv1D`` (stored (in, out)): ``"all"``,
+            ``"none"``, or module names (PEFT's suffix rule; the others are ``nn.Linear``).
+            Needed only where the base has no config.json and a weight is square; a
+            config.json's ``model_type`` decides otherwise, and a contradiction is an error.
         overwrite: replace an existing ``out`` (the old one is removed only after success).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         progress: called with (bytes done, bytes total) as the output is written.
@@ -605,7 +656,7 @@ def merge(
     started = time.monotonic()
     plan = plan_merge(
         base, adapters, out, weights=weights, unmerge=unmerge, dtype=dtype,
-        max_shard_size=max_shard_size,
+        max_shard_size=max_shard_size, fan_in_fan_out=fan_in_fan_out,
     )  # fmt: skip
     inputs = [plan.base.path, *(a.path for a in plan.adapters)]
     out_path = engine.check_output(out, inputs, overwrite=overwrite)
