@@ -13,13 +13,13 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 from . import engine
 from .adapters import Adapter, LoraModule, open_adapter
 from .errors import AdapterError, IncompatibleError, OptionError
 from .locations import Location, Role, resolve
+from .plans import STARTING_KINDS, Change, ChangeKind, MergePlan, TensorPlan
 from .reader import (
     FLOAT_DTYPES,
     Checkpoint,
@@ -31,7 +31,6 @@ from .reader import (
 from .targets import INPUT_EMBEDDING_NAMES, OUTPUT_EMBEDDING_NAMES, Layout, LayoutRules
 from .writer import (
     DType,
-    OutputLayout,
     OutputTensor,
     parse_size,
     plan_layout,
@@ -45,96 +44,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ProgressCallback = engine.ProgressCallback
-
-
-class ChangeKind(str, Enum):
-    """What an adapter does to one output tensor."""
-
-    LORA = "lora"  # + scaling · B @ A
-    DORA = "dora"  # DoRA: magnitude / norm · (W + delta)
-    LORA_BIAS = "lora_bias"  # bias + scaling · lora_B.bias
-    REPLACE = "replace"  # saved whole by the adapter (modules_to_save, trained biases)
-    COPY = "copy"  # PEFT's copy of a LoRA-targeted embedding's base weight
-    ROWS = "rows"  # trainable token rows replace base rows
-    EXPERTS = "experts"  # target_parameters on a stack of experts: + scaling · B_e @ A_e each
-    TRUNCATE = "truncate"  # KaSA: the base loses its r smallest singular components first
-
-    def __str__(self) -> str:
-        return self.value
-
-
-_STARTS = (ChangeKind.REPLACE, ChangeKind.COPY)
-
-
-@dataclass(frozen=True)
-class Change:
-    """One adapter's contribution to one output tensor. ``scaling`` already includes the
-    adapter's weight and, for unmerge, the sign."""
-
-    adapter: int
-    kind: ChangeKind
-    module: str
-    source: TensorInfo | None = None
-    lora: LoraModule | None = None
-    transposed: bool = False
-    scaling: float = 1.0
-    indices: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class TensorPlan:
-    """How one output tensor is made from ``base``: ``changes`` in order, the first of which
-    may be a whole-tensor replacement (kind ``replace`` or ``copy``) that the rest start from."""
-
-    name: str
-    base: TensorInfo
-    dtype: str
-    changes: tuple[Change, ...] = ()
-
-    @property
-    def start(self) -> TensorInfo:
-        """The tensor the deltas are added to: a replacement, or the base tensor."""
-        first = self.changes[0] if self.changes else None
-        if first is not None and first.kind in _STARTS and first.source is not None:
-            return first.source
-        return self.base
-
-    @property
-    def deltas(self) -> tuple[Change, ...]:
-        return tuple(c for c in self.changes if c.kind not in _STARTS)
-
-    @property
-    def copied(self) -> bool:
-        """True when the stored bytes pass through unchanged (from the base or an adapter)."""
-        return not self.deltas and self.dtype == self.start.dtype
-
-
-@dataclass(frozen=True)
-class MergePlan:
-    """The whole merge, worked out from headers: every output tensor and the output layout."""
-
-    base: Location
-    adapters: tuple[Location, ...]
-    weights: tuple[float, ...]
-    unmerge: bool
-    tensors: tuple[TensorPlan, ...]
-    layout: OutputLayout
-    output_is_file: bool
-    side_files: tuple[tuple[str, Path], ...] = ()
-    config_text: str | None = None
-    notes: tuple[str, ...] = ()
-
-    @property
-    def changes(self) -> dict[str, list[str]]:
-        """Base tensor name -> what changes it, e.g. ``["lora from my-adapter/"]``."""
-        described: dict[str, list[str]] = {}
-        for t in self.tensors:
-            items = [f"{c.kind} from {self.adapters[c.adapter]}" for c in t.changes]
-            if t.dtype != t.base.dtype:
-                items.append(f"{t.base.dtype} -> {t.dtype}")
-            if items:
-                described[t.name] = items
-        return described
 
 
 @dataclass(frozen=True)
@@ -419,7 +328,7 @@ def _adapter_changes(
 
 def _order(changes: list[Change], where: Path, name: str) -> tuple[Change, ...]:
     """Order one tensor's changes: the replacement it starts from, deltas, then token rows."""
-    starts = [c for c in changes if c.kind in _STARTS]
+    starts = [c for c in changes if c.kind in STARTING_KINDS]
     if sum(c.kind is ChangeKind.REPLACE for c in starts) > 1:
         raise AdapterError(
             "saved whole by more than one adapter; merge them one at a time",
@@ -435,7 +344,7 @@ def _order(changes: list[Change], where: Path, name: str) -> tuple[Change, ...]:
         if seen & set(c.indices):
             raise AdapterError("two adapters replace the same token rows", path=where, tensor=name)
         seen |= set(c.indices)
-    deltas = [c for c in changes if c.kind not in _STARTS and c.kind is not ChangeKind.ROWS]
+    deltas = [c for c in changes if c.kind not in STARTING_KINDS and c.kind is not ChangeKind.ROWS]
     return tuple(starts[:1] + deltas + rows)
 
 
@@ -471,7 +380,7 @@ def _plan_tensors(
     where = base.checkpoint.path
     for info in base.tensors.values():
         changes = _order(per_tensor.get(info.name, []), where, info.name)
-        has_deltas = any(c.kind not in _STARTS for c in changes)
+        has_deltas = any(c.kind not in STARTING_KINDS for c in changes)
         out_dtype = _output_dtype(info, dtype, has_deltas, where)
         plans.append(TensorPlan(info.name, info, out_dtype, changes))
     return tuple(plans)

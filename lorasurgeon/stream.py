@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine import Computed
-from .merge import Change, ChangeKind, MergePlan, TensorPlan
 from .pipeline import BufferPool, Readahead, prefetch
+from .plans import Change, ChangeKind, MergePlan, TensorPlan
 from .reader import DTYPE_SIZES, TensorFiles, TensorInfo, as_tensor
 
 __all__ = ["computed_tensors"]
