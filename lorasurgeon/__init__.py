@@ -10,6 +10,7 @@ package does not import torch.
 
 from .adapters import ModuleReport
 from .combine import CombineMethod, CombinePlan, CombineReport, combine, plan_combine
+from .dtypes import DType
 from .errors import (
     AdapterError,
     CheckpointError,
@@ -24,7 +25,7 @@ from .merge import MergePlan, MergeReport, merge, plan_merge
 from .reader import Checkpoint, TensorInfo, open_checkpoint
 from .resize import ResizeReport, resize
 from .summary import Summary, summarize
-from .writer import DType, parse_size
+from .writer import parse_size
 
 __version__ = "0.1.0"
 

@@ -30,10 +30,11 @@ from .adapters import (
     rank_config,
     report_dict,
 )
+from .dtypes import DType
 from .errors import AdapterError, IncompatibleError, OptionError
 from .locations import Location, Role, resolve
 from .reader import TensorFiles, TensorInfo
-from .writer import DType, OutputTensor, check_output_path
+from .writer import OutputTensor, check_output_path
 
 if TYPE_CHECKING:
     import torch
@@ -541,7 +542,7 @@ def _execute(
 ) -> tuple[list[CombinedModule], int]:  # fmt: skip
     import torch
 
-    from .reader import torch_dtype
+    from .dtypes import torch_dtype
 
     generator = torch.Generator(device=device).manual_seed(seed)
     planned = [t for m in plan.modules for t in m.output_tensors()]

@@ -25,11 +25,11 @@ from .adapters import (
     lora_keys,
     report_dict,
 )
+from .dtypes import COMPUTE_DTYPES, DTYPES, DType, torch_dtype
 from .errors import IncompatibleError, OptionError
 from .locations import Location, Role, resolve
 from .pipeline import BufferPool, prefetch
 from .reader import (
-    FLOAT_DTYPES,
     Checkpoint,
     TensorFiles,
     TensorInfo,
@@ -43,7 +43,6 @@ from .targets import (
     is_conv1d_module,
 )
 from .writer import (
-    DType,
     OutputTensor,
     check_output_path,
 )
@@ -200,7 +199,7 @@ def plan_extraction(
             save = _is_saved(module, save_modules)
             layout = _layout(module, info, model_type) if param == "weight" else None
             if _selected(rules, module, layout, save) and layout is not None:
-                if info.dtype not in FLOAT_DTYPES:
+                if info.dtype not in COMPUTE_DTYPES:
                     raise IncompatibleError(f"cannot extract from a {info.dtype} tensor",
                                             path=b.path, tensor=name)  # fmt: skip
                 modules.append(ExtractModule(module, info, _pair(b, t, name, t.path), layout))
@@ -412,13 +411,14 @@ def _config(
 
 def _squared_difference(base: TensorInfo, tuned: TensorInfo, files: TensorFiles) -> float | None:
     """||tuned - base||_F² in float64, None when the stored bytes are equal; read by chunks,
-    so that memory stays small even for embeddings."""
+    so that memory stays small even for embeddings. NaN when they differ in a dtype that torch
+    cannot decode (F4, F6_*): changed, by an unknown amount."""
     import torch
 
-    from .reader import DTYPE_SIZES, torch_dtype
-
+    if not (_measurable(base.dtype) and _measurable(tuned.dtype)):
+        return _differ_as_bytes(base, tuned, files)
     equal, energy = base.dtype == tuned.dtype, 0.0
-    sizes = DTYPE_SIZES[base.dtype], DTYPE_SIZES[tuned.dtype]
+    sizes = DTYPES[base.dtype].bits // 8, DTYPES[tuned.dtype].bits // 8
     buffers = [bytearray(min(_COMPARE_CHUNK, base.numel) * size) for size in sizes]
     for start in range(0, base.numel, _COMPARE_CHUNK):
         count = min(_COMPARE_CHUNK, base.numel - start)
@@ -434,6 +434,31 @@ def _squared_difference(base: TensorInfo, tuned: TensorInfo, files: TensorFiles)
     return None if equal else energy
 
 
+def _measurable(code: str) -> bool:
+    try:
+        torch_dtype(code)
+    except OptionError:
+        return False
+    return DTYPES[code].bits % 8 == 0
+
+
+def _differ_as_bytes(base: TensorInfo, tuned: TensorInfo, files: TensorFiles) -> float | None:
+    """None when the stored bytes are equal, NaN (an unknown difference) otherwise."""
+    if base.dtype != tuned.dtype:
+        return math.nan
+    left, right = (
+        bytearray(min(_COMPARE_CHUNK, base.nbytes)),
+        bytearray(min(_COMPARE_CHUNK, base.nbytes)),
+    )
+    for start in range(0, base.nbytes, _COMPARE_CHUNK):
+        count = min(_COMPARE_CHUNK, base.nbytes - start)
+        files.read_into(base, memoryview(left)[:count], start=start)
+        files.read_into(tuned, memoryview(right)[:count], start=start)
+        if left[:count] != right[:count]:
+            return math.nan
+    return None
+
+
 def _not_in_adapter(
     plan: ExtractPlan, files: TensorFiles, module_energy: float
 ) -> list[dict[str, Any]]:
@@ -444,22 +469,28 @@ def _not_in_adapter(
         energy = _squared_difference(b, t, files)
         if energy is not None:
             changed.append((b.name, energy))
-    saved = sum(_squared_difference(b, t, files) or 0.0 for b, t in plan.saved)
-    total = module_energy + saved + sum(e for _, e in changed)
+    saved = [_squared_difference(b, t, files) or 0.0 for b, t in plan.saved]
+    total = module_energy + math.fsum(e for e in (*saved, *(e for _, e in changed)) if e == e)
+    # share None: the tensor changed in a dtype whose difference cannot be measured
     rows = [
-        {"tensor": name, "share": (e / total if total else 0.0)}
-        for name, e in sorted(changed, key=lambda x: -x[1])
+        {"tensor": name, "share": None if e != e else (e / total if total else 0.0)}
+        for name, e in sorted(changed, key=lambda x: -x[1] if x[1] == x[1] else 1.0)
     ]
     return rows
+
+
+def _share(share: float | None) -> str:
+    return "by an amount its dtype does not let us measure" if share is None else (
+        f"{share:.2%} of the update")  # fmt: skip
 
 
 def _write_adapter(
     out: Path, plan: ExtractPlan, tensors: list[tuple[str, Any]], config: dict[str, Any],
     files: TensorFiles, overwrite: bool,
 ) -> None:  # fmt: skip
-    from .reader import dtype_code
+    from .dtypes import code_of
 
-    planned = [OutputTensor(k, dtype_code(v.dtype), tuple(v.shape)) for k, v in tensors]
+    planned = [OutputTensor(k, code_of(v.dtype), tuple(v.shape)) for k, v in tensors]
     planned += [OutputTensor(KEY_PREFIX + t.name, t.dtype, t.shape) for _, t in plan.saved]
     with AdapterWriter(out, planned, overwrite=overwrite) as writer:
         for key, value in tensors:
@@ -529,7 +560,6 @@ def extract(
     check_output_path(out_path, [plan.base.path, plan.tuned.path], overwrite=overwrite)
     _read_ahead(plan)  # the disk starts on the first modules while torch is imported
     from . import lowrank, ops
-    from .reader import torch_dtype
 
     results, skipped = _decompose(plan, options, ops.resolve_device(device), progress)
     if not results:
@@ -557,8 +587,8 @@ def extract(
         others = _not_in_adapter(plan, files, energy_total)
         _write_adapter(out_path, plan, tensors, config, files, overwrite)
     total_params = sum(int(t.numel()) for _, t in tensors)
-    notes = [f"{row['tensor']} differs ({row['share']:.2%} of the update) but is not in the "
-             "adapter" for row in others if row["share"] >= 0.01]  # fmt: skip
+    notes = [f"{row['tensor']} differs ({_share(row['share'])}) but is not in the adapter"
+             for row in others if row["share"] is None or row["share"] >= 0.01]  # fmt: skip
     for note in notes:
         logger.warning(note)
     return ExtractReport(

@@ -17,10 +17,10 @@ from enum import Enum
 from pathlib import Path
 
 from .adapters import Adapter, LoraModule, open_adapter
+from .dtypes import COMPUTE_DTYPES, DTYPES, DType
 from .errors import AdapterError, IncompatibleError, OptionError
 from .locations import Location, Role, resolve
 from .reader import (
-    FLOAT_DTYPES,
     Checkpoint,
     TensorInfo,
     open_checkpoint,
@@ -29,7 +29,6 @@ from .reader import (
 )
 from .targets import INPUT_EMBEDDING_NAMES, OUTPUT_EMBEDDING_NAMES, is_conv1d_module
 from .writer import (
-    DType,
     OutputLayout,
     OutputTensor,
     check_output_path,
@@ -344,13 +343,13 @@ def _order(changes: list[Change], where: Path, name: str) -> tuple[Change, ...]:
 
 
 def _output_dtype(info: TensorInfo, dtype: str | None, changed: bool, where: Path) -> str:
-    if changed and info.dtype not in FLOAT_DTYPES:
+    if changed and info.dtype not in COMPUTE_DTYPES:
         raise IncompatibleError(
             f"cannot merge into a {info.dtype} tensor (quantized base?)",
             path=where,
             tensor=info.name,
         )
-    return dtype if dtype is not None and info.dtype in FLOAT_DTYPES else info.dtype
+    return dtype if dtype is not None and info.dtype in COMPUTE_DTYPES else info.dtype
 
 
 def _plan_tensors(
@@ -380,7 +379,7 @@ def _config_text(base: Location, dtype: str | None) -> str | None:
     config = read_config(base.path)
     if dtype is None or not config:
         return None
-    name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
+    name = DTYPES[dtype].torch_name
     for key in ("torch_dtype", "dtype"):
         if key in config:
             config[key] = name

@@ -29,10 +29,11 @@ from .adapters import (
     rank_config,
     report_dict,
 )
+from .dtypes import DType
 from .errors import AdapterError, OptionError
 from .locations import Role, resolve
 from .reader import TensorFiles
-from .writer import DType, OutputTensor, check_output_path
+from .writer import OutputTensor, check_output_path
 
 if TYPE_CHECKING:
     import torch
@@ -108,8 +109,8 @@ def _write(
     adapter: Adapter, ranks: list[int], out: Path, dtype: str | None, device: torch.device,
     files: TensorFiles, overwrite: bool, progress: ProgressCallback | None,
 ) -> tuple[list[ModuleReport], dict[str, Any]]:  # fmt: skip
+    from .dtypes import torch_dtype
     from .lowrank import stored_rel_error
-    from .reader import torch_dtype
 
     modules = list(adapter.modules.values())
     planned, rows = [], []

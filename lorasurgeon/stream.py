@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .dtypes import tensor_nbytes
 from .merge import ChangeKind, MergePlan, ProgressCallback, TensorPlan
 from .pipeline import BufferPool, Drain, Readahead, Worker, prefetch
-from .reader import DTYPE_SIZES, TensorFiles, TensorInfo, as_tensor
+from .reader import TensorFiles, TensorInfo, as_tensor
 from .writer import CheckpointWriter
 
 __all__ = ["execute"]
@@ -199,7 +200,7 @@ def execute(
 
 
 def _out_bytes(t: TensorPlan) -> int:
-    return t.base.numel * DTYPE_SIZES[t.dtype]
+    return tensor_nbytes(t.dtype, t.base.numel) or 0
 
 
 def _add_side_files(plan: MergePlan, writer: CheckpointWriter) -> None:
