@@ -9,7 +9,7 @@ package does not import torch.
 """
 
 from .adapters import ModuleReport
-from .combine import CombineMethod, CombinePlan, CombineReport, combine, plan_combine
+from .combine import CombinePlan, CombineReport, combine, plan_combine
 from .dtypes import DType
 from .errors import (
     AdapterError,
@@ -22,6 +22,14 @@ from .errors import (
 )
 from .extract import ExtractPlan, ExtractReport, extract, plan_extraction
 from .merge import MergePlan, MergeReport, merge, plan_merge
+from .options import (
+    CombineMethod,
+    CombineOptions,
+    MajoritySign,
+    RankMethod,
+    RankPolicy,
+    SvdMethod,
+)
 from .reader import Checkpoint, TensorInfo, open_checkpoint
 from .resize import ResizeReport, resize
 from .summary import Summary, summarize
@@ -34,6 +42,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CombineMethod",
+    "CombineOptions",
     "CombinePlan",
     "CombineReport",
     "DType",
@@ -42,13 +51,17 @@ __all__ = [
     "IncompatibleError",
     "LocationError",
     "LorasurgeonError",
+    "MajoritySign",
     "MergePlan",
     "ModuleReport",
     "MergeReport",
     "OptionError",
     "OutputError",
+    "RankMethod",
+    "RankPolicy",
     "ResizeReport",
     "Summary",
+    "SvdMethod",
     "TensorInfo",
     "__version__",
     "combine",

@@ -13,7 +13,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,15 @@ from .adapters import (
 from .dtypes import COMPUTE_DTYPES, DTYPES, DType, torch_dtype
 from .errors import IncompatibleError, OptionError
 from .locations import Location, Role, resolve
+from .options import (
+    DEFAULT_FIXED_RANK,
+    DEFAULT_MAX_RANK,
+    RankMethod,
+    RankPolicy,
+    SvdMethod,
+    check_finite,
+    choice,
+)
 from .pipeline import BufferPool, prefetch
 from .reader import (
     Checkpoint,
@@ -52,8 +61,6 @@ __all__ = ["ExtractPlan", "ExtractReport", "ModuleReport", "extract", "plan_extr
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
-#: Upper rank bound of the energy and budget methods when --max-rank is not given.
-DEFAULT_MAX_RANK = 128
 # Elements per block of the CPU delta computation (1 MiB of float32: stays in cache).
 _DELTA_BLOCK = 1 << 18
 # Bytes of the first modules read ahead while torch is imported.
@@ -136,6 +143,12 @@ def _rules(
     save_modules: Sequence[str], model_type: str | None,
 ) -> TargetRules:  # fmt: skip
     targets = target_modules if isinstance(target_modules, str) else tuple(target_modules)
+    if layers_pattern and not layers_to_transform:
+        raise OptionError("--layers-pattern names the layers that --layers-to-transform counts",
+                          hint="give --layers-to-transform too")  # fmt: skip
+    if layers_to_transform and isinstance(targets, str) and targets.lower() != "all-linear":
+        raise OptionError("--layers-to-transform cannot filter a regex --target-modules (as in "
+                          "PEFT)", hint="put the layer numbers in the regex")  # fmt: skip
     return TargetRules(
         target_modules=targets,
         exclude_modules=tuple(exclude_modules) if exclude_modules else None,
@@ -209,10 +222,22 @@ def plan_extraction(
                 others.append((info, t.tensors[name]))
     if not modules:
         raise OptionError("no weight matches the target modules", hint="check --target-modules")
+    _check_listed(b.tensors, "--save-modules", save_modules)
+    _check_listed(b.tensors, "--exclude-modules",
+                  () if isinstance(exclude_modules, str) else exclude_modules or ())  # fmt: skip
     architectures = config.get("architectures") or []
     task = "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None
     return ExtractPlan(base_loc, tuned_loc, tuple(modules), tuple(saved), tuple(others),
                        model_type, task)  # fmt: skip
+
+
+def _check_listed(tensors: Mapping[str, TensorInfo], option: str, names: Sequence[str]) -> None:
+    """Refuse a listed module that names no module of the base: a typo would be a no-op."""
+    modules = {name.rpartition(".")[0] for name in tensors}
+    for entry in names:
+        if not any(m == entry or m.endswith("." + entry) for m in modules):
+            raise OptionError(f"{option} {entry} matches no module of the base",
+                              hint="check the name (a module suffix such as lm_head)")  # fmt: skip
 
 
 def _is_saved(module: str, save_modules: Sequence[str]) -> bool:
@@ -221,36 +246,31 @@ def _is_saved(module: str, save_modules: Sequence[str]) -> bool:
 
 @dataclass(frozen=True)
 class _Options:
-    rank: int
+    policy: RankPolicy
     alpha: float | None
-    rank_method: str
-    energy: float | None
-    param_budget: int | None
-    min_rank: int
-    max_rank: int | None
-    svd: str
+    svd: SvdMethod
     dtype: str | None
     seed: int = 0
 
     @property
+    def rank(self) -> int:
+        """The rank of ``fixed``."""
+        return self.policy.rank or DEFAULT_FIXED_RANK
+
+    @property
     def compute_rank(self) -> int:
         """How many singular triplets to compute per module before ranks are chosen."""
-        if self.rank_method == "fixed":
-            return self.rank if self.max_rank is None else min(self.rank, self.max_rank)
-        return self.max_rank or DEFAULT_MAX_RANK
+        if self.policy.method is RankMethod.FIXED:
+            return self.rank
+        return self.policy.max_rank or DEFAULT_MAX_RANK
 
 
-def _options(
-    rank: int, alpha: float | None, rank_method: str, energy: float | None,
-    param_budget: int | None, min_rank: int, max_rank: int | None, svd: str, dtype: str,
-) -> _Options:  # fmt: skip
-    from .lowrank import check_rank_selection
-
-    check_rank_selection(rank_method, rank, energy, param_budget, min_rank, max_rank)
-    if svd not in ("exact", "randomized"):
-        raise OptionError(f"svd must be exact or randomized, not {svd!r}")
+def _options(policy: RankPolicy, alpha: float | None, svd: str, dtype: str) -> _Options:
+    check_finite("--alpha", alpha)
+    if alpha is not None and alpha <= 0:
+        raise OptionError(f"--alpha must be positive, not {alpha}")
     code = DType.code_of(dtype)
-    return _Options(rank, alpha, rank_method, energy, param_budget, min_rank, max_rank, svd, code)
+    return _Options(policy, alpha, choice(SvdMethod, svd, "svd method"), code)
 
 
 @dataclass
@@ -308,7 +328,7 @@ def _decompose(
     done, skipped, results = 0, 0, []
     stop = threading.Event()
     generator = torch.Generator(device=device).manual_seed(options.seed)
-    method = lowrank.SvdMethod(options.svd)
+    method = options.svd
     largest = max(max(m.base.nbytes, m.tuned.nbytes) for m in plan.modules)
     buffers = BufferPool(largest, 2 * 3)  # prefetch depth 2: three pairs at most
     work = torch.empty(max(m.base.numel for m in plan.modules), device=device)
@@ -479,6 +499,14 @@ def _not_in_adapter(
     return rows
 
 
+def _default_rank(policy: RankPolicy, ranks: Sequence[int]) -> int:
+    """The config's ``r``: the fixed rank, else the most common one (the fewest rank_pattern
+    entries; the smallest on a tie)."""
+    if policy.method is RankMethod.FIXED:
+        return policy.rank or DEFAULT_FIXED_RANK
+    return min(set(ranks), key=lambda r: (-ranks.count(r), r))
+
+
 def _share(share: float | None) -> str:
     return "by an amount its dtype does not let us measure" if share is None else (
         f"{share:.2%} of the update")  # fmt: skip
@@ -505,7 +533,7 @@ def extract(
     tuned: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    rank: int = 16,
+    rank: int | None = None,
     alpha: float | None = None,
     target_modules: Sequence[str] | str = "all-linear",
     exclude_modules: Sequence[str] | None = None,
@@ -549,8 +577,9 @@ def extract(
         LocationError, CheckpointError, IncompatibleError, OptionError, OutputError.
     """
     started = time.monotonic()
-    options = _options(rank, alpha, rank_method, energy, param_budget, min_rank, max_rank,
-                       svd, dtype)  # fmt: skip
+    policy = RankPolicy(choice(RankMethod, rank_method, "rank method"), rank, energy,
+                        param_budget, min_rank, max_rank)  # fmt: skip
+    options = _options(policy, alpha, svd, dtype)
     plan = plan_extraction(
         base, tuned, target_modules=target_modules, exclude_modules=exclude_modules,
         layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
@@ -566,8 +595,8 @@ def extract(
         raise OptionError("the selected weights are equal in both checkpoints; nothing to extract")
     ranks = lowrank.select_ranks(
         [r.svd for r in results], [r.module.matrix_shape for r in results],
-        method=lowrank.RankMethod(options.rank_method), rank=options.rank, energy=options.energy,
-        param_budget=options.param_budget, min_rank=options.min_rank, max_rank=options.max_rank,
+        method=policy.method, rank=options.rank, energy=policy.energy,
+        param_budget=policy.param_budget, min_rank=policy.min_rank, max_rank=policy.max_rank,
     )  # fmt: skip
     tensors, modules, alphas = [], [], []
     for r, k in zip(results, ranks, strict=True):
@@ -578,10 +607,11 @@ def extract(
         tensors += [(key_a, a), (key_b, b)]
         modules.append(report)
         alphas.append(a_value)
-    default_alpha = float(options.alpha) if options.alpha is not None else float(options.rank)
+    default_rank = _default_rank(policy, ranks)
+    default_alpha = float(options.alpha) if options.alpha is not None else float(default_rank)
     names = [r.module.module for r in results]
     saved_names = sorted({t.name.rpartition(".")[0] for _, t in plan.saved})
-    config = _config(plan, names, ranks, alphas, options.rank, default_alpha, saved_names)
+    config = _config(plan, names, ranks, alphas, default_rank, default_alpha, saved_names)
     with TensorFiles() as files:
         energy_total = sum(r.svd.total_energy for r in results)
         others = _not_in_adapter(plan, files, energy_total)
@@ -592,6 +622,6 @@ def extract(
     for note in notes:
         logger.warning(note)
     return ExtractReport(
-        out_path, modules, total_params, saved_names, others, skipped, options.svd,
-        options.rank_method, time.monotonic() - started, notes,
+        out_path, modules, total_params, saved_names, others, skipped, options.svd.value,
+        policy.method.value, time.monotonic() - started, notes,
     )  # fmt: skip

@@ -20,6 +20,7 @@ from .adapters import Adapter, LoraModule, open_adapter
 from .dtypes import COMPUTE_DTYPES, DTYPES, DType
 from .errors import AdapterError, IncompatibleError, OptionError
 from .locations import Location, Role, resolve
+from .options import check_finite
 from .reader import (
     Checkpoint,
     TensorInfo,
@@ -395,6 +396,8 @@ def _normalize(
         weights = [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise OptionError(f"{len(weights)} weights given for {len(adapters)} adapters")
+    for w in weights:
+        check_finite("--weight", w)
     code = DType.code_of(dtype)
     return tuple(float(w) for w in weights), code
 

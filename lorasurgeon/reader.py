@@ -89,6 +89,9 @@ def _read_raw_header(path: Path) -> tuple[dict[str, Any], int, int]:
                 _fail(path, f"file is too short to be safetensors ({size} bytes)")
             (length,) = struct.unpack("<Q", prefix)
             if length > size - 8 or length > _MAX_HEADER:
+                if prefix.lstrip()[:1] in (b"{", b"["):
+                    hint = "give the checkpoint directory or its .safetensors file"
+                    _fail(path, "is a JSON file, not a safetensors file", hint=hint)
                 _fail(
                     path,
                     f"header length {length} runs past the end of the file ({size} bytes)",

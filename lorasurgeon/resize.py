@@ -32,6 +32,7 @@ from .adapters import (
 from .dtypes import DType
 from .errors import AdapterError, OptionError
 from .locations import Role, resolve
+from .options import RankMethod, RankPolicy, choice
 from .reader import TensorFiles
 from .writer import OutputTensor, check_output_path
 
@@ -180,9 +181,10 @@ def resize(
     from .ops import resolve_device
 
     started = time.monotonic()
-    method = lowrank.check_rank_selection(rank_method, rank, energy, param_budget, min_rank,
-                                          max_rank)  # fmt: skip
-    if method is lowrank.RankMethod.FIXED and rank is None:
+    policy = RankPolicy(choice(RankMethod, rank_method, "rank method"), rank, energy,
+                        param_budget, min_rank, max_rank)  # fmt: skip
+    method = policy.method
+    if method is RankMethod.FIXED and rank is None:
         raise OptionError("give --rank R", hint="or --rank-method energy/budget")
     code = DType.code_of(dtype)
     location = resolve(adapter, role=Role.ADAPTER)
