@@ -33,7 +33,7 @@ from .dtypes import DType
 from .errors import AdapterError, IncompatibleError, OptionError
 from .locations import Location, Role, resolve
 from .options import CombineMethod, CombineOptions, MajoritySign, choice
-from .reader import TensorFiles, TensorInfo
+from .reader import TensorFiles, TensorInfo, check_finite_inputs
 from .writer import OutputTensor, check_output_path
 
 if TYPE_CHECKING:
@@ -481,11 +481,13 @@ def _departure(m: PlannedModule, factors: Sequence[_Factors], a: Any, b: Any) ->
 def _load(files: TensorFiles, m: PlannedModule, device: torch.device) -> list[_Factors]:
     import torch
 
-    return [
-        _Factors(files.load(s.lora.lora_a).to(device).to(torch.float32),
-                 files.load(s.lora.lora_b).to(device).to(torch.float32))
-        for s in m.sources
-    ]  # fmt: skip
+    factors = []
+    for s in m.sources:
+        a, b = files.load(s.lora.lora_a), files.load(s.lora.lora_b)
+        check_finite_inputs([(s.lora.lora_a, a), (s.lora.lora_b, b)],
+                            hint="combining it would write NaN/inf into the result")  # fmt: skip
+        factors.append(_Factors(a.to(device).to(torch.float32), b.to(device).to(torch.float32)))
+    return factors
 
 
 def _execute(

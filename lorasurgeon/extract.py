@@ -43,6 +43,7 @@ from .reader import (
     TensorFiles,
     TensorInfo,
     as_tensor,
+    check_finite_inputs,
     open_checkpoint,
     read_config,
 )
@@ -351,6 +352,8 @@ def _decompose(
                 else:
                     tensors = as_tensor(m.base, b), as_tensor(m.tuned, t)
                     delta = _delta_matrix(m, *tensors, work)
+                    if not bool(delta.isfinite().all()):
+                        _refuse_non_finite(m, tensors)
                     del tensors
                     rank = min(options.compute_rank, *delta.shape)
                     svd = lowrank.truncated_svd(delta, rank, method=method, generator=generator)
@@ -361,6 +364,15 @@ def _decompose(
             if progress is not None:
                 progress(done, total)
     return results, skipped
+
+
+def _refuse_non_finite(m: ExtractModule, tensors: tuple[Any, Any]) -> None:
+    check_finite_inputs(zip((m.base, m.tuned), tensors, strict=True),
+                 hint="extract cannot decompose it; exclude it with --exclude-modules")  # fmt: skip
+    raise IncompatibleError(
+        "tuned - base overflows float32", path=m.tuned.path, tensor=m.tuned.name,
+        hint="exclude it with --exclude-modules",
+    )  # fmt: skip
 
 
 def _read_ahead(plan: ExtractPlan) -> None:

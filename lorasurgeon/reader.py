@@ -12,7 +12,7 @@ import math
 import os
 import struct
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -31,6 +31,7 @@ __all__ = [
     "TensorFiles",
     "TensorInfo",
     "as_tensor",
+    "check_finite_inputs",
     "find_checkpoint_file",
     "open_checkpoint",
     "read_config",
@@ -333,6 +334,22 @@ def as_tensor(info: TensorInfo, buffer: bytearray, dtype: str | None = None) -> 
     if info.numel == 0:
         return torch.empty(info.shape, dtype=torch_type)
     return torch.frombuffer(buffer, dtype=torch_type, count=info.numel).reshape(info.shape)
+
+
+def check_finite_inputs(inputs: Iterable[tuple[TensorInfo, torch.Tensor]], hint: str) -> None:
+    """Refuse the first floating point input that holds NaN or infinite values, naming its file
+    and tensor. Cheap on adapter factors; for large tensors, call it only once a computed
+    result is found not finite, so that a good result costs one ``isfinite`` pass.
+
+    Raises:
+        CheckpointError: an input holds NaN or inf.
+    """
+    import torch
+
+    for info, tensor in inputs:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError("holds NaN or infinite values", path=info.path,
+                                  tensor=info.name, hint=hint)  # fmt: skip
 
 
 @dataclass

@@ -33,7 +33,7 @@ from .dtypes import DType
 from .errors import AdapterError, OptionError
 from .locations import Role, resolve
 from .options import RankMethod, RankPolicy, choice
-from .reader import TensorFiles
+from .reader import TensorFiles, check_finite_inputs
 from .writer import OutputTensor, check_output_path
 
 if TYPE_CHECKING:
@@ -77,8 +77,10 @@ def _decompose(
 
     from .lowrank import product_svd
 
-    a = files.load(lora.lora_a).to(device).to(torch.float64)
-    b = files.load(lora.lora_b).to(device).to(torch.float64)
+    a, b = files.load(lora.lora_a), files.load(lora.lora_b)
+    check_finite_inputs([(lora.lora_a, a), (lora.lora_b, b)],
+                        hint="resizing cannot decompose it")  # fmt: skip
+    a, b = a.to(device).to(torch.float64), b.to(device).to(torch.float64)
     return product_svd(b.reshape(b.shape[0], -1) * lora.scaling, a.reshape(a.shape[0], -1), rank)
 
 

@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 import lorasurgeon
@@ -50,6 +51,11 @@ def append_raw(path: Path, tensors: list[tuple[str, str, list[int], bytes]]) -> 
 
 
 def _payload(code: str, numel: int, seed: int = 1) -> bytes:
+    """Arbitrary bytes; small finite values for the dtypes merge converts."""
+    if code in COMPUTE_DTYPES:
+        values = (torch.arange(numel, dtype=torch.float64) + seed) / 10
+        return values.to(torch_dtype(code)).numpy().tobytes() if code != "BF16" else (
+            values.to(torch.bfloat16).view(torch.int16).numpy().tobytes())  # fmt: skip
     size = tensor_nbytes(code, numel)
     assert size is not None
     return bytes((seed * 37 + 11 * i) % 251 for i in range(size))
