@@ -232,7 +232,8 @@ def _plan_modules(adapters: Sequence[Adapter], options: _Options) -> list[Planne
         dtype = options.dtype or "F32"  # PEFT's: it computes on float32 copies
         planned.append(PlannedModule(name, tuple(sources), rank, shape, dtype))
     if not planned:
-        raise OptionError("the adapters hold no LoRA modules to combine")
+        raise AdapterError("the adapters hold no LoRA modules to combine",
+                           path=adapters[0].path)  # fmt: skip
     return planned
 
 

@@ -604,7 +604,10 @@ def extract(
 
     results, skipped = _decompose(plan, options, ops.resolve_device(device), progress)
     if not results:
-        raise OptionError("the selected weights are equal in both checkpoints; nothing to extract")
+        raise IncompatibleError(  # the inputs, not the options, are at fault: exit 1
+            "the selected weights are equal in both checkpoints; nothing to extract",
+            path=plan.tuned.path, hint="is TUNED a fine-tune of BASE?",
+        )  # fmt: skip
     ranks = lowrank.select_ranks(
         [r.svd for r in results], [r.module.matrix_shape for r in results],
         method=policy.method, rank=options.rank, energy=policy.energy,

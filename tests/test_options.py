@@ -206,3 +206,10 @@ def test_config_file_given_to_inspect_says_it_is_json(capsys: pytest.CaptureFixt
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1, err
     assert re.search(r"config\.json: is a JSON file, not a safetensors file", lines[0]), err
+
+
+def test_equal_checkpoints_are_bad_input_not_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli(capsys, "extract", BASE, BASE, "-o", tmp_path / "o", "--quiet")
+    assert code == 1 and "equal in both checkpoints" in err, err
