@@ -213,3 +213,23 @@ def test_equal_checkpoints_are_bad_input_not_a_usage_error(
 ) -> None:
     code, _, err = run_cli(capsys, "extract", BASE, BASE, "-o", tmp_path / "o", "--quiet")
     assert code == 1 and "equal in both checkpoints" in err, err
+
+
+def test_all_linear_layers_selection_matches_peft_with_the_linear_names(tmp_path: Path) -> None:
+    # PEFT refuses layers_to_transform with target_modules="all-linear" (a string); with the
+    # same linear module names as a list it selects what extract selects
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    plan = lorasurgeon.plan_extraction(BASE, TUNED, layers_to_transform=[1])
+    ours = sorted(m.module for m in plan.modules)
+    names = sorted({m.rsplit(".", 1)[-1] for m in ours})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = LoraConfig(r=2, target_modules=names, layers_to_transform=[1])
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(BASE), config)
+    peft = sorted(n.removeprefix("base_model.model.").removesuffix(".lora_A.default.weight")
+                  for n, _ in model.named_parameters() if "lora_A" in n)  # fmt: skip
+    assert ours == peft and ours
