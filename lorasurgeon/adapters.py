@@ -505,6 +505,12 @@ def open_adapter(
     config_path = root / ADAPTER_CONFIG_NAME
     weights = root / ADAPTER_WEIGHTS_NAME
     if not config_path.is_file():
+        if root.is_dir() and any(root.glob("*.safetensors")):
+            raise AdapterError(
+                f"is a model checkpoint, not a PEFT adapter (no {ADAPTER_CONFIG_NAME})",
+                path=root, hint="give a PEFT adapter directory (adapter_config.json and "
+                "adapter_model.safetensors) here",
+            )  # fmt: skip
         raise AdapterError(
             f"no {ADAPTER_CONFIG_NAME} here", path=root, hint="is this a PEFT adapter directory?"
         )

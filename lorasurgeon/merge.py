@@ -17,11 +17,12 @@ from pathlib import Path
 
 from . import engine
 from .adapters import Adapter, LoraModule, open_adapter
+from .dtypes import COMPUTE_DTYPES, DTYPES, DType
 from .errors import AdapterError, IncompatibleError, OptionError
 from .locations import Location, Role, resolve
+from .options import check_finite
 from .plans import STARTING_KINDS, Change, ChangeKind, MergePlan, TensorPlan
 from .reader import (
-    FLOAT_DTYPES,
     Checkpoint,
     TensorInfo,
     open_checkpoint,
@@ -30,7 +31,6 @@ from .reader import (
 )
 from .targets import INPUT_EMBEDDING_NAMES, OUTPUT_EMBEDDING_NAMES, Layout, LayoutRules
 from .writer import (
-    DType,
     OutputTensor,
     parse_size,
     plan_layout,
@@ -349,13 +349,13 @@ def _order(changes: list[Change], where: Path, name: str) -> tuple[Change, ...]:
 
 
 def _output_dtype(info: TensorInfo, dtype: str | None, changed: bool, where: Path) -> str:
-    if changed and info.dtype not in FLOAT_DTYPES:
+    if changed and info.dtype not in COMPUTE_DTYPES:
         raise IncompatibleError(
             f"cannot merge into a {info.dtype} tensor (quantized base?)",
             path=where,
             tensor=info.name,
         )
-    return dtype if dtype is not None and info.dtype in FLOAT_DTYPES else info.dtype
+    return dtype if dtype is not None and info.dtype in COMPUTE_DTYPES else info.dtype
 
 
 def _plan_tensors(
@@ -391,7 +391,7 @@ def _config_text(base: Location, dtype: str | None) -> str | None:
     config = read_config(base.path)
     if dtype is None or not config:
         return None
-    name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
+    name = DTYPES[dtype].torch_name
     for key in ("torch_dtype", "dtype"):
         if key in config:
             config[key] = name
@@ -407,6 +407,8 @@ def _normalize(
         weights = [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise OptionError(f"{len(weights)} weights given for {len(adapters)} adapters")
+    for w in weights:
+        check_finite("--weight", w)
     code = DType.code_of(dtype)
     return tuple(float(w) for w in weights), code
 

@@ -243,8 +243,10 @@ class TargetRules:
             return False
         targets = self._targets()
         if self.all_linear:
+            # PEFT refuses layers_to_transform with a string target_modules; lorasurgeon applies
+            # it to all-linear, whose meaning (every linear module) has layers to filter
             last = module.rsplit(".", 1)[-1]
-            if not linear or last in OUTPUT_EMBEDDING_NAMES:
+            if not linear or last in OUTPUT_EMBEDDING_NAMES or not self._in_layers(module):
                 return False
             return not (self.seq_cls and module in ("score", "classifier"))
         if isinstance(targets, str):

@@ -529,7 +529,13 @@ def test_bad_options_are_refused_before_anything_is_written(
 def test_one_adapter_is_scaled_as_peft_does(
     llama_fp32: TinyBase, pair: list[Path], tmp_path: Path
 ) -> None:
-    report = run([pair[0]], tmp_path / "out", weights=[0.5], method="ties", density=0.5)
+    # PEFT silently runs linear for one adapter; a method that cannot apply is refused instead
+    with pytest.raises(OptionError, match="one adapter"):
+        run([pair[0]], tmp_path / "out", weights=[0.5], method="ties", density=0.5)
+    with pytest.raises(OptionError, match="one adapter"):
+        run([pair[0]], tmp_path / "out", weights=[0.5], svd=True)
+    assert not (tmp_path / "out").exists()
+    report = run([pair[0]], tmp_path / "out", weights=[0.5])
     assert report.method == "linear" and any("resize" in n for n in report.notes)
     ours = loaded_by_peft(llama_fp32, tmp_path / "out")
     single = loaded_by_peft(llama_fp32, pair[0])
