@@ -399,7 +399,7 @@ def _decompose(
     """Truncated SVD of every selected module's delta, streamed pair by pair."""
     import torch
 
-    from . import lowrank
+    from . import lowrank, ops
 
     total = sum(m.base.nbytes + m.tuned.nbytes for m in plan.modules)
     done, skipped, results = 0, 0, []
@@ -428,7 +428,7 @@ def _decompose(
                 else:
                     tensors = as_tensor(m.base, b), as_tensor(m.tuned, t)
                     delta = _delta_matrix(m, *tensors, work)
-                    if not bool(delta.isfinite().all()):
+                    if not ops.all_finite(delta):
                         _refuse_non_finite(m, tensors)
                     del tensors
                     rank = min(options.compute_rank, *delta.shape)

@@ -17,6 +17,7 @@ from functools import cached_property
 import torch
 
 from .errors import OptionError
+from .ops import all_finite
 from .options import RankMethod, SvdMethod
 from .options import choice as _choice
 
@@ -245,7 +246,7 @@ def truncated_svd(
     method = _choice(SvdMethod, method, "svd method")
     _check_svd_args(delta, rank, oversample, iterations)
     a = delta if delta.dtype in (torch.float32, torch.float64) else delta.to(torch.float32)
-    if not bool(torch.isfinite(a.sum())):  # one cheap pass; NaN and inf both propagate
+    if not all_finite(a):
         raise OptionError("delta holds inf or NaN values", hint="check the tuned checkpoint")
     k = min(rank, *a.shape)
     if method is SvdMethod.EXACT or k + oversample >= min(a.shape):

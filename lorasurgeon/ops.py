@@ -17,12 +17,13 @@ from .errors import OptionError
 from .options import CombineMethod, MajoritySign
 
 __all__ = [
-    "AddDelta", "ExpertDelta", "LoraDelta", "SetRows", "SvdTruncate", "Update", "apply_updates",
-    "block_diagonal", "resolve_device",
+    "AddDelta", "ExpertDelta", "LoraDelta", "SetRows", "SvdTruncate", "Update", "all_finite",
+    "apply_updates", "block_diagonal", "resolve_device",
 ]  # fmt: skip
 
-# About 4 MiB of float32 per block: large enough for fast kernels, small enough for cache.
-_BLOCK_ELEMENTS = 1 << 20
+# About 1 MiB of float32 per block: the block and its scratch stay in a core's cache (measured
+# on a 5632 x 2048 bf16 weight: 2^18 elements 20% faster than 2^20, 2.5x faster than 2^22).
+_BLOCK_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,18 @@ def block_diagonal(blocks: torch.Tensor, count: int) -> torch.Tensor:
 
 
 Update = LoraDelta | AddDelta | SetRows | ExpertDelta | SvdTruncate
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a floating-point tensor holds no NaN or inf (other dtypes: always true).
+
+    One min/max reduction, which propagates NaN: far cheaper than ``isfinite().all()``
+    (47 ms against 1 ms for a 5632 x 2048 bf16 weight on one core), which allocates a mask.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def resolve_device(device: str) -> torch.device:

@@ -110,7 +110,7 @@ def _compute(t: TensorPlan, inputs: _Loaded, device: Any, out: bytearray) -> mem
     start = as_tensor(t.start, inputs.start).to(device)
     result = as_tensor(t.base, out, t.dtype)
     ops.apply_updates(start, _updates(t, loaded, device), result.dtype, out=result)
-    if result.is_floating_point() and not bool(result.isfinite().all()):
+    if not ops.all_finite(result):
         _refuse_non_finite(t, start, loaded)
     return memoryview(out)[: _out_bytes(t)]
 
