@@ -180,6 +180,30 @@ class _Bar:
             self.bar.close()
 
 
+class _OptionalCount(click.ParamType):  # type: ignore[type-arg]
+    """--spectrum [K]: a positive count."""
+
+    name = "K"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        if number < 1:
+            self.fail(f"{number} is not at least 1", param, ctx)
+        return number
+
+
+def _plot_path(plot: str | None) -> None:
+    """--plot's ending, checked before any work (a usage error)."""
+    if plot is not None:
+        try:
+            api.check_plot_path(plot)
+        except api.OptionError as e:
+            raise click.BadParameter(str(e), param_hint="--plot") from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(api.__version__, prog_name="lorasurgeon")
 @click.option("--debug", "_debug", is_flag=True, help="Show a traceback on errors.")
@@ -345,14 +369,18 @@ def _fan_in_fan_out(text: str | None) -> list[str] | str | None:
 )
 @_dtype_option("dtype of the stored factors; auto: the base weight's.")
 @_FAN_IN_FAN_OUT
+@click.option(
+    "--plot", default=None, metavar="OUT.html|OUT.svg",
+    help="Draw the relative error per layer and module.",
+)  # fmt: skip
 @_compute_options
 def extract(
     base: str, tuned: str, out: str, rank: int | None, alpha: float | None, target_modules: str,
     exclude_modules: str | None, layers_to_transform: str | None, layers_pattern: str | None,
     rank_method: str, energy: float | None, param_budget: int | None, min_rank: int,
     max_rank: int | None, svd: str, save_modules: str | None, dtype: str,
-    fan_in_fan_out: str | None, report_path: str | None, overwrite: bool, device: str,
-    quiet: bool, debug: bool,
+    fan_in_fan_out: str | None, plot: str | None, report_path: str | None, overwrite: bool,
+    device: str, quiet: bool, debug: bool,
 ) -> None:  # fmt: skip
     """Extract a LoRA adapter from TUNED - BASE by truncated SVD.
 
@@ -372,6 +400,7 @@ def extract(
     except ValueError:
         raise click.BadParameter("must be comma-separated integers",
                                  param_hint="--layers-to-transform") from None  # fmt: skip
+    _plot_path(plot)
     targets: list[str] | str = target_modules
     if target_modules.lower() != "all-linear":
         targets = _split(target_modules) or []
@@ -389,6 +418,8 @@ def extract(
     finally:
         bar.close()
     _write_report(report_path, report.to_dict())
+    if plot is not None:
+        api.plot_extract(report, plot)
     _echo(render.extract_lines(report))
 
 
@@ -539,30 +570,6 @@ def resize(
         bar.close()
     _write_report(report_path, report.to_dict())
     _echo(render.resize_lines(report))
-
-
-class _OptionalCount(click.ParamType):  # type: ignore[type-arg]
-    """--spectrum [K]: a positive count."""
-
-    name = "K"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a whole number", param, ctx)
-        if number < 1:
-            self.fail(f"{number} is not at least 1", param, ctx)
-        return number
-
-
-def _plot_path(plot: str | None) -> None:
-    """--plot's ending, checked before any work (a usage error)."""
-    if plot is not None:
-        try:
-            api.check_plot_path(plot)
-        except api.OptionError as e:
-            raise click.BadParameter(str(e), param_hint="--plot") from None
 
 
 @cli.command(name="diff")

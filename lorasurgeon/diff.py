@@ -76,6 +76,8 @@ _GROUP_PATTERNS = (
     (Group.ATTENTION, re.compile(r"attn|attention|(^|\.)(q|k|v|o|qkv)_?proj|query|key|value")),
     (Group.MLP, re.compile(r"mlp|ffn|feed_forward|expert|(^|\.)(gate|up|down)_proj|fc\d|c_fc")),
 )
+# Elements compared at a time: 4 MiB of float32 per buffer, small enough for the CPU's cache.
+_CHUNK = 1 << 20
 _LAYER = re.compile(r"\.(\d+)(\.|$)")
 _SUFFIXES = ("weight", "bias")
 
@@ -206,29 +208,48 @@ def _spectrum(change: Any, shape: tuple[int, int], k: int) -> Spectrum:
 def _compare(pair: tuple[TensorInfo, TensorInfo], data: tuple[bytearray, bytearray],
              k: int | None, device: Any) -> dict[str, Any]:  # fmt: skip
     """Values of B against A: status, relative change, max abs change, spectrum."""
-    import torch
-
     a_info, b_info = pair
     if a_info.dtype == b_info.dtype and data[0] == data[1]:
         return {"status": Status.EQUAL}
     status = Status.CHANGED if a_info.dtype == b_info.dtype else Status.DTYPE
     if not _decodable(a_info.dtype) or not _decodable(b_info.dtype):
         return {"status": status}
-    a = as_tensor(a_info, data[0]).to(device=device, dtype=torch.float32)
-    b = as_tensor(b_info, data[1]).to(device=device, dtype=torch.float32)
-    change = b.sub_(a)
-    energy = float(torch.linalg.vector_norm(change, dtype=torch.float64) ** 2)
-    base = float(torch.linalg.vector_norm(a, dtype=torch.float64) ** 2)
+    shape = _shape2(a_info) if k is not None else None
+    a, b = as_tensor(a_info, data[0]), as_tensor(b_info, data[1])
+    energy, base, biggest, change = _measure(a, b, keep=shape is not None)
     result: dict[str, Any] = {
         "status": status,
         "change_energy": energy,
         "rel_change": math.sqrt(energy / base) if base else (0.0 if energy == 0 else math.inf),
-        "max_abs": float(change.abs().max()) if change.numel() else 0.0,
+        "max_abs": biggest,
     }
-    shape = _shape2(a_info)
     if k is not None and shape is not None and energy > 0 and math.isfinite(energy):
-        result["spectrum"] = _spectrum(change, shape, k)
+        result["spectrum"] = _spectrum(change.to(device), shape, k)
     return result
+
+
+def _measure(a: Any, b: Any, *, keep: bool) -> tuple[float, float, float, Any]:
+    """‖b - a‖_F², ‖a‖_F², max |b - a| and (with ``keep``) b - a in float32, by chunks that
+    stay in the CPU's cache: each chunk's sums by torch in float32, the chunks' in float64."""
+    import torch
+
+    a, b = a.reshape(-1), b.reshape(-1)
+    n = a.numel()
+    change = torch.empty(n, dtype=torch.float32) if keep else None
+    size = min(n, _CHUNK)
+    left, work = torch.empty(size, dtype=torch.float32), torch.empty(size, dtype=torch.float32)
+    energy, base, biggest = 0.0, 0.0, 0.0
+    for start in range(0, n, _CHUNK):
+        stop = min(n, start + _CHUNK)
+        x = left[: stop - start]
+        d = change[start:stop] if change is not None else work[: stop - start]
+        x.copy_(a[start:stop])
+        d.copy_(b[start:stop]).sub_(x)
+        energy += float(torch.linalg.vector_norm(d)) ** 2
+        base += float(torch.linalg.vector_norm(x)) ** 2
+        low, high = torch.aminmax(d)
+        biggest = max(biggest, -float(low), float(high))
+    return energy, base, biggest, change
 
 
 def _decodable(code: str) -> bool:
@@ -322,9 +343,9 @@ def diff(
     """Compare two checkpoints tensor by tensor, streaming; nothing is written.
 
     Each tensor name is equal (bit for bit), changed (``rel_change`` = ‖B - A‖_F / ‖A‖_F and
-    ``max_abs`` = max |B - A|, computed in float32 and summed in float64), only in A or B, or
-    differs in shape or dtype (a dtype change is compared by value). ``groups`` sums the
-    change's energy by model part. With ``spectrum`` = K, each changed tensor of two or more
+    ``max_abs`` = max |B - A|, computed in float32 by chunks whose sums are added in float64),
+    only in A or B, or differs in shape or dtype (a dtype change is compared by value).
+    ``groups`` sums the change's energy by model part. With ``spectrum`` = K, each changed tensor of two or more
     dimensions also gets its top K singular values (randomized SVD) with the exact share of
     the energy they hold and the ranks for 50/90/99% of it; ``rank_costs`` adds up the LoRA
     parameters extracting every change at those ranks takes.
@@ -332,7 +353,8 @@ def diff(
     Args:
         a, b: checkpoints (directory, ``.safetensors`` file or Hub id); B - A is the change.
         spectrum: K, singular values per changed weight; None: no spectra.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (where the values are compared).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``: where the SVDs of ``spectrum`` run
+            (values are compared on the CPU, next to the reads).
         progress: called with (bytes read, bytes to read).
 
     Raises:

@@ -307,3 +307,18 @@ def test_cli_diff_usage_errors(
     code, _, err = run_cli(capsys, "diff", llama_fp32.path, llama_fp32.path, *args)
     assert code == 2 and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_extract_plot_draws_the_error_per_layer(
+    bf16_case: tuple[TinyBase, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, _, merged = bf16_case
+    plot, out = tmp_path / "extract.svg", tmp_path / "lora"
+    code, _, err = run_cli(capsys, "extract", base.path, merged, "-o", out, "--rank", "2",
+                           "--plot", plot, "--device", "cpu")  # fmt: skip
+    assert code == 0, err
+    picture = plot.read_text()
+    assert picture.startswith("<svg") and "q_proj" in picture and "down_proj" in picture
+    code, _, err = run_cli(capsys, "extract", base.path, merged, "-o", tmp_path / "other",
+                           "--plot", tmp_path / "e.png")  # fmt: skip
+    assert code == 2 and "--plot" in err and not (tmp_path / "other").exists()
