@@ -67,8 +67,8 @@ def heatmap_svg(rows: Sequence[int], columns: Sequence[str],
     logs = [math.log10(v) for v in values.values() if v > 0 and math.isfinite(v)]
     low, high = (min(logs), max(logs)) if logs else (0.0, 1.0)
     span = (high - low) or 1.0
-    body = [_text(left + (j + 0.5) * cell_w, top - 6, c, "middle",
-                  f'transform="rotate(-30 {left + (j + 0.5) * cell_w:.1f} {top - 6:.1f})"')
+    body = [_text(left + (j + 0.3) * cell_w, top - 6, c, "start",
+                  f'transform="rotate(-30 {left + (j + 0.3) * cell_w:.1f} {top - 6:.1f})"')
             for j, c in enumerate(columns)]  # fmt: skip
     for i, r in enumerate(rows):
         y = top + i * cell_h
@@ -86,7 +86,7 @@ def heatmap_svg(rows: Sequence[int], columns: Sequence[str],
                     f'fill="{_color(k / 49)}"/>')  # fmt: skip
     body += [_text(left, legend_y + 24, f"{10**low:.1e}"),
              _text(left + 200, legend_y + 24, f"{10**high:.1e} (log scale)", "end")]  # fmt: skip
-    width = max(left + len(columns) * cell_w + 20, 320)
+    width = max(left + len(columns) * cell_w + 90, 320)
     return _svg(width, legend_y + 34, body, title)
 
 
@@ -142,11 +142,14 @@ def diff_panels(report: DiffReport) -> list[str]:
     """The pictures of a diff: relative change heat map, spectra, share kept at rank 99%."""
     from .diff import ENERGY_LEVELS
 
-    layered = [t for t in report.tensors if t.layer is not None and t.rel_change is not None]
+    from .diff import Status
+
+    # equal tensors are drawn as zero (grey); tensors on one side or reshaped are left out
+    compared = (Status.EQUAL, Status.CHANGED, Status.DTYPE)
+    layered = [t for t in report.tensors if t.layer is not None and t.status in compared]
     kinds = sorted({t.kind for t in layered if t.rel_change})
     layers = sorted({t.layer for t in layered if t.layer is not None})
-    values = {(t.layer, t.kind): t.rel_change for t in layered
-              if t.layer is not None and t.rel_change is not None}  # fmt: skip
+    values = {(t.layer, t.kind): t.rel_change or 0.0 for t in layered if t.layer is not None}
     panels = [heatmap_svg(layers, kinds, values, "relative change ‖B−A‖/‖A‖ by layer and module")]
     spectra = [t for t in report.tensors if t.spectrum is not None]
     level = f"{ENERGY_LEVELS[-1]:g}"

@@ -322,3 +322,25 @@ def test_cli_extract_plot_draws_the_error_per_layer(
     code, _, err = run_cli(capsys, "extract", base.path, merged, "-o", tmp_path / "other",
                            "--plot", tmp_path / "e.png")  # fmt: skip
     assert code == 2 and "--plot" in err and not (tmp_path / "other").exists()
+
+
+def test_plot_in_headless_chromium_shows_the_planted_structure(tmp_path: Path) -> None:
+    """bench/diff_picture.py: attention changes everywhere, MLP only in layer 4 (the largest
+    relative change: the top of the color scale), so the screenshot's heat map has exactly
+    3 top-colored cells and 15 grey (unchanged) MLP cells."""
+    image = pytest.importorskip("PIL.Image")
+    import shutil
+    import sys
+
+    if shutil.which("chromium") is None:
+        pytest.skip("needs chromium (apt-get install chromium)")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import diff_picture
+
+    png = diff_picture.draw(tmp_path, tmp_path / "diff.png")
+    colors = {c: n for n, c in image.open(png).convert("RGB").getcolors(1 << 20)}
+    cell, slot = 63 * 17, 64 * 18  # heatmap_svg's cells for 6 layers, without and with gap
+    top, grey = (253, 231, 37), (221, 221, 221)  # viridis at 1; zero change
+    legend = 4 * 10  # the legend's last swatch has the top color too
+    assert 0.9 * 3 * cell <= colors.get(top, 0) - legend <= 3 * slot
+    assert 0.9 * 15 * cell <= colors.get(grey, 0) <= 15 * slot
