@@ -140,9 +140,7 @@ def bars_svg(items: Sequence[tuple[str, float]], title: str) -> str:
 
 def diff_panels(report: DiffReport) -> list[str]:
     """The pictures of a diff: relative change heat map, spectra, share kept at rank 99%."""
-    from .diff import ENERGY_LEVELS
-
-    from .diff import Status
+    from .diff import ENERGY_LEVELS, Status
 
     # equal tensors are drawn as zero (grey); tensors on one side or reshaped are left out
     compared = (Status.EQUAL, Status.CHANGED, Status.DTYPE)
