@@ -346,9 +346,9 @@ def diff(
     ``max_abs`` = max |B - A|, computed in float32 by chunks whose sums are added in float64),
     only in A or B, or differs in shape or dtype (a dtype change is compared by value).
     ``groups`` sums the change's energy by model part. With ``spectrum`` = K, each changed
-    tensor of two or more dimensions also gets its top K singular values (randomized SVD) with the exact share of
-    the energy they hold and the ranks for 50/90/99% of it; ``rank_costs`` adds up the LoRA
-    parameters extracting every change at those ranks takes.
+    tensor of two or more dimensions also gets its top K singular values (randomized SVD)
+    with the exact share of the energy they hold and the ranks for 50/90/99% of it;
+    ``rank_costs`` adds up the LoRA parameters extracting every change at those ranks takes.
 
     Args:
         a, b: checkpoints (directory, ``.safetensors`` file or Hub id); B - A is the change.
