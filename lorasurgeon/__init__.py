@@ -4,12 +4,14 @@ The public API: ``merge`` and ``plan_merge`` fold PEFT LoRA adapters into a base
 exactly as PEFT's ``merge_and_unload()`` does; ``extract`` pulls a LoRA adapter out of a
 fine-tune by truncated SVD; ``combine`` mixes adapters as PEFT's ``add_weighted_adapter`` does
 and ``resize`` changes their ranks, both from the adapter files alone; ``summarize`` describes
-a checkpoint or adapter; ``open_checkpoint`` reads a checkpoint by header. Importing this
-package does not import torch.
+a checkpoint or adapter; ``diff`` compares two checkpoints and ``verify`` checks a merged
+one; ``open_checkpoint`` reads a checkpoint by header. Importing this package does not import
+torch.
 """
 
 from .adapters import ModuleReport
 from .combine import CombinePlan, CombineReport, combine, plan_combine
+from .diff import DiffReport, TensorDiff, diff
 from .dtypes import DType
 from .engine import handle_signals
 from .errors import (
@@ -32,9 +34,11 @@ from .options import (
     RankPolicy,
     SvdMethod,
 )
+from .plot import check_plot_path, plot_diff, plot_extract
 from .reader import Checkpoint, TensorInfo, open_checkpoint
 from .resize import ResizeReport, resize
 from .summary import Summary, summarize
+from .verify import Mismatch, VerifyReport, verify
 from .writer import parse_size
 
 __version__ = "0.1.0"
@@ -48,6 +52,7 @@ __all__ = [
     "CombinePlan",
     "CombineReport",
     "DType",
+    "DiffReport",
     "ExtractPlan",
     "ExtractReport",
     "IncompatibleError",
@@ -56,6 +61,7 @@ __all__ = [
     "LorasurgeonError",
     "MajoritySign",
     "MergePlan",
+    "Mismatch",
     "ModuleReport",
     "MergeReport",
     "OptionError",
@@ -65,9 +71,13 @@ __all__ = [
     "ResizeReport",
     "Summary",
     "SvdMethod",
+    "TensorDiff",
     "TensorInfo",
+    "VerifyReport",
     "__version__",
+    "check_plot_path",
     "combine",
+    "diff",
     "extract",
     "handle_signals",
     "merge",
@@ -76,6 +86,9 @@ __all__ = [
     "plan_combine",
     "plan_extraction",
     "plan_merge",
+    "plot_diff",
+    "plot_extract",
     "resize",
     "summarize",
+    "verify",
 ]

@@ -180,6 +180,30 @@ class _Bar:
             self.bar.close()
 
 
+class _OptionalCount(click.ParamType):  # type: ignore[type-arg]
+    """--spectrum [K]: a positive count."""
+
+    name = "K"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a whole number", param, ctx)
+        if number < 1:
+            self.fail(f"{number} is not at least 1", param, ctx)
+        return number
+
+
+def _plot_path(plot: str | None) -> None:
+    """--plot's ending, checked before any work (a usage error)."""
+    if plot is not None:
+        try:
+            api.check_plot_path(plot)
+        except api.OptionError as e:
+            raise click.BadParameter(str(e), param_hint="--plot") from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(api.__version__, prog_name="lorasurgeon")
 @click.option("--debug", "_debug", is_flag=True, help="Show a traceback on errors.")
@@ -345,14 +369,18 @@ def _fan_in_fan_out(text: str | None) -> list[str] | str | None:
 )
 @_dtype_option("dtype of the stored factors; auto: the base weight's.")
 @_FAN_IN_FAN_OUT
+@click.option(
+    "--plot", default=None, metavar="OUT.html|OUT.svg",
+    help="Draw the relative error per layer and module.",
+)  # fmt: skip
 @_compute_options
 def extract(
     base: str, tuned: str, out: str, rank: int | None, alpha: float | None, target_modules: str,
     exclude_modules: str | None, layers_to_transform: str | None, layers_pattern: str | None,
     rank_method: str, energy: float | None, param_budget: int | None, min_rank: int,
     max_rank: int | None, svd: str, save_modules: str | None, dtype: str,
-    fan_in_fan_out: str | None, report_path: str | None, overwrite: bool, device: str,
-    quiet: bool, debug: bool,
+    fan_in_fan_out: str | None, plot: str | None, report_path: str | None, overwrite: bool,
+    device: str, quiet: bool, debug: bool,
 ) -> None:  # fmt: skip
     """Extract a LoRA adapter from TUNED - BASE by truncated SVD.
 
@@ -372,6 +400,7 @@ def extract(
     except ValueError:
         raise click.BadParameter("must be comma-separated integers",
                                  param_hint="--layers-to-transform") from None  # fmt: skip
+    _plot_path(plot)
     targets: list[str] | str = target_modules
     if target_modules.lower() != "all-linear":
         targets = _split(target_modules) or []
@@ -389,6 +418,8 @@ def extract(
     finally:
         bar.close()
     _write_report(report_path, report.to_dict())
+    if plot is not None:
+        api.plot_extract(report, plot)
     _echo(render.extract_lines(report))
 
 
@@ -539,6 +570,115 @@ def resize(
         bar.close()
     _write_report(report_path, report.to_dict())
     _echo(render.resize_lines(report))
+
+
+@cli.command(name="diff")
+@click.argument("a")
+@click.argument("b")
+@click.option(
+    "--spectrum", type=_OptionalCount(), default=None, is_flag=False,
+    flag_value=64, metavar="[K]",
+    help="Top K singular values of each changed weight, and the rank for 50/90/99% "
+    "of its change [K default: 64].",
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--plot", default=None, metavar="OUT.html|OUT.svg",
+    help="Draw the change per layer and module, and the spectra (needs --spectrum).",
+)  # fmt: skip
+@click.option(
+    "--device", type=DeviceParam(), default="auto", show_default=True,
+    help="Where to compute: the first GPU when there is one, else the CPU.",
+)  # fmt: skip
+@_common
+def diff_command(
+    a: str, b: str, spectrum: int | None, as_json: bool, plot: str | None, device: str,
+    quiet: bool, debug: bool,
+) -> None:  # fmt: skip
+    """Show what changed from checkpoint A to checkpoint B, tensor by tensor.
+
+    Every tensor is equal (bit for bit), changed (relative Frobenius change ||B-A||/||A||,
+    largest absolute change), only in A or B, or of another shape or dtype; totals say how
+    much of the change sits in attention, MLP, embeddings and norms. With --spectrum, each
+    changed weight's top K singular values give the rank that holds 50/90/99% of its change
+    and what extracting every change at that rank costs. Writes nothing.
+
+    \b
+    Examples:
+      lorasurgeon diff base/ merged/
+      lorasurgeon diff base/ tuned/ --spectrum --plot change.html
+      lorasurgeon diff base/ tuned/ --spectrum 128 --json > diff.json
+    """
+    _plot_path(plot)
+    if plot is not None and spectrum is None:
+        raise click.UsageError("--plot draws the spectra of --spectrum; add --spectrum")
+    bar = _Bar(quiet, "diff")
+    try:
+        report = api.diff(a, b, spectrum=spectrum, device=device, progress=bar)
+    finally:
+        bar.close()
+    if plot is not None:
+        api.plot_diff(report, plot)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+        return
+    _echo(render.diff_lines(report), err=False)
+
+
+@cli.command()
+@click.argument("merged")
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...")
+@click.option(
+    "--weight", "weights", multiple=True, type=float, metavar="W",
+    help="Scale of each adapter's update, once per adapter, in order [default: 1.0].",
+)  # fmt: skip
+@click.option("--unmerge", is_flag=True, help="MERGED should be BASE with the updates removed.")
+@_FAN_IN_FAN_OUT
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--device", type=DeviceParam(), default="auto", show_default=True,
+    help="Where to compute: the first GPU when there is one, else the CPU.",
+)  # fmt: skip
+@_common
+def verify(
+    merged: str, base: str, adapters: tuple[str, ...], weights: tuple[float, ...],
+    unmerge: bool, fan_in_fan_out: str | None, as_json: bool, device: str, quiet: bool,
+    debug: bool,
+) -> None:  # fmt: skip
+    """Check that MERGED is what `merge BASE ADAPTER...` would write.
+
+    Computes each merged tensor as merge does and compares it with MERGED's, within the
+    dtype's rounding (PEFT's extra rounding of half-precision merges included); copied
+    tensors must be equal. MERGED may come from another tool (PEFT, mergekit, axolotl).
+    Exit 0 when it matches; 1 when not, naming the first tensors that differ and by how much.
+
+    \b
+    Examples:
+      lorasurgeon verify merged/ base/ adapter/
+      lorasurgeon verify owner/merged owner/base owner/lora --weight 0.8
+    """
+    _check_weights(weights, adapters)
+    bar = _Bar(quiet, "verify", unit="tensors")
+    try:
+        report = api.verify(
+            merged, base, adapters, weights=list(weights) or None, unmerge=unmerge,
+            fan_in_fan_out=_fan_in_fan_out(fan_in_fan_out), device=device, progress=bar,
+        )  # fmt: skip
+    finally:
+        bar.close()
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        _echo(render.verify_lines(report), err=False)
+    if not report.matches:
+        first = report.mismatches[0]
+        raise api.IncompatibleError(
+            f"{first.what}" + (f" (max abs {first.max_abs:.3e})" if first.max_abs else "")
+            + f"; {len(report.mismatches)} tensor(s) do not match the merge",
+            path=first.path, tensor=first.tensor,
+            hint="see the list above; check the adapters, --weight and --unmerge",
+        )  # fmt: skip
 
 
 @cli.command(name="inspect")

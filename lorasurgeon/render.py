@@ -11,16 +11,20 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from . import CombineReport, ExtractReport, MergePlan, MergeReport, ResizeReport, Summary
+    from .diff import DiffReport, Spectrum, TensorDiff
+    from .verify import VerifyReport
 
 __all__ = [
     "combine_lines",
     "count",
+    "diff_lines",
     "extract_lines",
     "merge_lines",
     "merge_plan_lines",
     "resize_lines",
     "size",
     "summary_lines",
+    "verify_lines",
 ]
 
 
@@ -146,4 +150,93 @@ def summary_lines(s: Summary) -> list[str]:
         lines.append(f"saved whole: {', '.join(s.saved_whole)}")
     if s.ignored_modules:
         lines.append(f"ignored (not selected by the config): {', '.join(s.ignored_modules)}")
+    return lines
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else ("0" if value == 0 else f"{value:.2e}")
+
+
+def _table(tensors: Sequence[TensorDiff]) -> list[str]:
+    """Relative change per layer (rows) and module kind (columns), changed kinds only."""
+    kinds = sorted({t.kind for t in tensors if t.layer is not None and t.rel_change})
+    layers = sorted({t.layer for t in tensors if t.layer is not None})
+    if not kinds or not layers:
+        return []
+    cells = {(t.layer, t.kind): t.rel_change for t in tensors if t.layer is not None}
+    width = max(9, *(len(k) for k in kinds))
+    lines = ["relative change by layer:", "  layer " + " ".join(f"{k:>{width}}" for k in kinds)]
+    for layer in layers:
+        row = " ".join(f"{_cell(cells.get((layer, k))):>{width}}" for k in kinds)
+        lines.append(f"  {layer:>5} {row}")
+    return lines
+
+
+def _ranks_text(s: Spectrum | None) -> str:
+    if s is None:
+        return ""
+    k = len(s.values)
+    ranks = "/".join(str(r) if r is not None else f">{k}" for r in s.ranks.values())
+    return f"  rank 50/90/99%: {ranks} (top {k}: {s.kept:.1%})"
+
+
+def diff_lines(report: DiffReport, *, limit: int = 20) -> list[str]:
+    """What ``diff`` prints: counts, the change by model part, a layer table, the largest
+    changes and, with ``--spectrum``, the ranks and what extracting at them costs."""
+    from .diff import Status
+
+    counts = ", ".join(f"{report.count(s)} {s.value.replace('_', ' in ')}" for s in Status
+                       if report.count(s))  # fmt: skip
+    lines = [f"{report.a} -> {report.b}: {len(report.tensors)} tensors: {counts}"]
+    if report.identical:
+        return [*lines, "the checkpoints are identical (every tensor bit for bit)"]
+    parts = [f"{g} {v['share']:.1%} ({int(v['changed'])}/{int(v['tensors'])} changed)"
+             for g, v in report.groups.items()]  # fmt: skip
+    lines.append("share of the change: " + ", ".join(parts))
+    lines += _table(report.tensors)
+    changed = sorted((t for t in report.tensors if t.rel_change is not None and t.rel_change > 0),
+                     key=lambda t: -(t.rel_change or 0.0))  # fmt: skip
+    if changed:
+        lines.append(f"largest relative changes ({min(limit, len(changed))} of {len(changed)}):")
+    for t in changed[:limit]:
+        lines.append(f"  {t.name}: {t.rel_change:.3e}, max abs {t.max_abs:.3e}"
+                     f"{_ranks_text(t.spectrum)}")  # fmt: skip
+    for t in report.tensors:
+        if t.status in (Status.ONLY_A, Status.ONLY_B, Status.SHAPE) or (t.status is Status.DTYPE):
+            lines.append(f"  {t.name}: {_status_text(t)}")
+    for level, cost in report.rank_costs.items():
+        floor = f" (at least: {cost['over_k']} need more than {report.spectrum})" if cost[
+            "over_k"] else ""  # fmt: skip
+        lines.append(f"extracting {float(level):.0%} of every change: {count(cost['params'])} "
+                     f"LoRA parameters over {cost['modules']} weights{floor}")  # fmt: skip
+    return lines
+
+
+def _status_text(t: TensorDiff) -> str:
+    from .diff import Status
+
+    if t.status is Status.ONLY_A:
+        return f"only in A {list(t.shape_a or ())} {t.dtype_a}"
+    if t.status is Status.ONLY_B:
+        return f"only in B {list(t.shape_b or ())} {t.dtype_b}"
+    if t.status is Status.SHAPE:
+        return f"shape {list(t.shape_a or ())} -> {list(t.shape_b or ())}"
+    return f"dtype {t.dtype_a} -> {t.dtype_b}"
+
+
+def verify_lines(report: VerifyReport, *, limit: int = 10) -> list[str]:
+    """What ``verify`` prints: the verdict and the first tensors that do not match."""
+    if report.matches:
+        return [f"{report.merged} matches the merge of {', '.join(map(str, report.adapters))} "
+                f"into {report.base}: {report.checked} tensors ({report.merged_count} merged) "
+                f"within rounding, {report.seconds:.1f} s"]  # fmt: skip
+    lines = [f"{report.merged} does not match: {len(report.mismatches)} of {report.checked} "
+             f"tensors differ; first {min(limit, len(report.mismatches))}:"]  # fmt: skip
+    for m in report.mismatches[:limit]:
+        detail = ""
+        if m.max_abs is not None:
+            share = "" if m.share_of_delta is None else (
+                f", {m.share_of_delta:.1%} of the merge's change")  # fmt: skip
+            detail = f" (max abs {m.max_abs:.3e}{share}, {m.elements} elements)"
+        lines.append(f"  {m.tensor}: {m.what}{detail}")
     return lines
