@@ -114,8 +114,10 @@ def resize_lines(report: ResizeReport) -> list[str]:
     kept = min((m.energy_kept for m in report.modules), default=1.0)
     return [
         f"wrote {report.out}: {len(report.modules)} modules, "
-        f"{_ranks([m.rank for m in report.modules])}, {count(report.total_params)} parameters "
-        f"(was {count(report.input_params)}), {report.seconds:.1f} s",
+        f"{_ranks([m.rank for m in report.modules])}"
+        f"{' (each kept)' if report.rank_method == 'keep' else ''}, "
+        f"{count(report.total_params)} parameters (was {count(report.input_params)}), "
+        f"{report.seconds:.1f} s",
         _errors(report.to_dict(), kept),
     ]
 

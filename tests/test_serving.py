@@ -340,3 +340,44 @@ def test_inspect_names_what_clients_refuse(llama_fp32: TinyBase, tmp_path: Path)
         checks = {c.client: c for c in lorasurgeon.summarize(adapter).clients}
         assert checks["llama.cpp"].verdict == checks["vLLM"].verdict == "refused"
         assert any(words in r for r in checks["vLLM"].reasons)
+
+
+def test_cli_notes_mixed_ranks_once_and_inspect_says_why(
+    mixed: list[Path], patterned: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_cli import run_cli
+
+    code, _, err = run_cli(capsys, "combine", *mixed, "--method", "cat", "-o", tmp_path / "c")
+    assert code == 0 and sum("--uniform-rank" in line for line in err.splitlines()) == 1, err
+    code, _, err = run_cli(capsys, "combine", *mixed, "--method", "cat", "--uniform-rank",
+                           "-o", tmp_path / "u")  # fmt: skip
+    assert code == 0 and "every module at rank 12" in err and "more than at" in err, err
+    code, out, _ = run_cli(capsys, "inspect", patterned)
+    lines = out.splitlines()
+    llama = next(line for line in lines if line.strip().startswith("llama.cpp"))
+    vllm = next(line for line in lines if line.strip().startswith("vLLM"))
+    assert "NO (alpha_pattern" in llama and "NO (rank_pattern and alpha_pattern" in vllm, out
+    assert any(line.strip().startswith("fix: lorasurgeon resize") for line in lines), out
+    code, _, err = run_cli(capsys, "resize", patterned, "-o", tmp_path / "n", "--uniform-rank")
+    assert code == 0 and "ranks 2-8 (each kept)" in err and "worst 0.0000" in err, err
+    code, out, _ = run_cli(capsys, "inspect", tmp_path / "n")
+    assert "NO" not in out and "fix:" not in out, out
+
+
+def test_rank_layout_has_one_alpha_and_patterns_only_where_ranks_differ() -> None:
+    from lorasurgeon.adapters import RankLayout
+
+    layout = RankLayout.of({"a": 4, "b": 8, "c.d": 8})
+    assert (layout.r, layout.lora_alpha, layout.scaling("a"), layout.scaling("b")) == (8, 8, 2, 1)
+    assert layout.config() == {"r": 8, "lora_alpha": 8.0, "rank_pattern": {"a": 4},
+                               "alpha_pattern": {}, "use_rslora": False}  # fmt: skip
+    assert RankLayout.of({"a": 4, "b": 8}).r == 8  # a tie: the larger rank
+    uniform = RankLayout.of({"a": 4, "b": 8, "c.d": 8}, alpha=2.0, uniform=True)
+    assert uniform.stored_rank("a") == 8 and uniform.config()["rank_pattern"] == {}
+    assert uniform.scaling("a") == 0.25 and not uniform.mixed
+    assert RankLayout.of({"a": 4, "c.d": 8}).config()["rank_pattern"] == {"a": 4}
+    assert RankLayout.of({"a": 4, "b": 4}).notes({"a": 10, "b": 10}) == []
+    (note,) = RankLayout.of({"a": 4, "b": 8, "c": 8}).notes({"a": 10, "b": 10, "c": 10})
+    assert "1 of 3 modules" in note and "40 more parameters" in note
+    (cost,) = uniform.notes({"a": 10, "b": 10, "c.d": 10})
+    assert "rank 8, 240 LoRA parameters, 40 more" in cost
