@@ -117,15 +117,27 @@ def test_rope_rows_round_trip() -> None:
     assert torch.equal(_undo_rope_rows(_rope_rows(x, 4), 4), x)
 
 
-def test_extract_energy_converts_right(llama_fp32: TinyBase, tuned: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"rank": 4},
+        {"rank_method": "energy", "energy": 0.5},
+        {"rank_method": "budget", "param_budget": 6000},
+    ],
+)
+def test_extract_converts_right(
+    llama_fp32: TinyBase, tuned: Path, tmp_path: Path, options: dict
+) -> None:
     out = tmp_path / "extract"
-    report = lorasurgeon.extract(llama_fp32.path, tuned, out, rank_method="energy", energy=0.5,
-                                 svd="exact", dtype="float32", device="cpu")  # fmt: skip
-    assert len({m.rank for m in report.modules}) > 1  # mixed ranks: alpha per rank matters
+    lorasurgeon.extract(llama_fp32.path, tuned, out, svd="exact", dtype="float32", device="cpu",
+                        **options)  # fmt: skip
     check_gguf(llama_fp32, out, peft_rule(llama_fp32, out), tmp_path)
 
 
-def test_combine_cat_of_mixed_ranks_converts_right(llama_fp32: TinyBase, tmp_path: Path) -> None:
+@pytest.mark.parametrize("options", [{"method": "cat"}, {"svd": True}, {"svd": True, "rank": 3}])
+def test_combine_of_mixed_ranks_converts_right(
+    llama_fp32: TinyBase, tmp_path: Path, options: dict
+) -> None:
     from tests.conftest import make_adapter
     from tests.test_combine import FIRST, lora
 
@@ -134,8 +146,10 @@ def test_combine_cat_of_mixed_ranks_converts_right(llama_fp32: TinyBase, tmp_pat
         make_adapter(llama_fp32, lora("q_proj", "k_proj", r=8, lora_alpha=8), tmp_path / "a1",
                      seed=2),
     ]  # fmt: skip
-    lorasurgeon.combine(adapters, tmp_path / "cat", weights=WEIGHTS, method="cat", device="cpu")
-    check_gguf(llama_fp32, tmp_path / "cat", exact_sum(llama_fp32, adapters, WEIGHTS), tmp_path)
+    out = tmp_path / "combined"
+    lorasurgeon.combine(adapters, out, weights=WEIGHTS, device="cpu", **options)
+    intended = exact_sum(llama_fp32, adapters, WEIGHTS) if "svd" not in options else None
+    check_gguf(llama_fp32, out, intended or peft_rule(llama_fp32, out), tmp_path)
 
 
 def test_resize_normalizes_a_patterned_adapter_for_llama_cpp(
@@ -154,3 +168,7 @@ def test_resize_normalizes_a_patterned_adapter_for_llama_cpp(
     assert wrong == {m for m in intended if "v_proj" in m}  # the converter drops alpha_pattern
     lorasurgeon.resize(theirs, tmp_path / "ours", device="cpu")
     check_gguf(llama_fp32, tmp_path / "ours", intended, tmp_path)
+    lorasurgeon.resize(theirs, tmp_path / "smaller", rank_method="energy", energy=0.8,
+                       device="cpu")  # fmt: skip
+    check_gguf(llama_fp32, tmp_path / "smaller", peft_rule(llama_fp32, tmp_path / "smaller"),
+               tmp_path)  # fmt: skip
