@@ -33,6 +33,7 @@ __all__ = [
     "AdapterConfig",
     "LoraModule",
     "ModuleReport",
+    "RankLayout",
     "adapter_output",
     "error_summary",
     "lora_keys",
@@ -605,6 +606,85 @@ def rank_config(ranks: Mapping[str, int], alphas: Mapping[str, float]) -> dict[s
         "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
         "alpha_pattern": {re.escape(m): alphas[m] for m in ranks if alphas[m] != alpha},
     }
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    """How an adapter we write stores its modules' ranks, with ONE ``lora_alpha`` and no
+    ``alpha_pattern``: each module's intended scaling is folded into its factors, so the update
+    is ``lora_alpha / r_m · B @ A`` with ``r_m`` the module's stored rank. That is PEFT's rule
+    and llama.cpp's (which reads only ``lora_alpha``, divided by each tensor's rank); vLLM
+    applies ``lora_alpha / r`` with the config's ``r`` to every module, right only where
+    ``r_m = r``: ``uniform`` stores every module at the largest rank, zero-padded.
+
+    ``ranks``: each module's true rank (the rank of its update); ``lora_alpha``: the stated
+    alpha, else the config's ``r`` (scaling 1 there).
+    """
+
+    ranks: Mapping[str, int]
+    r: int
+    lora_alpha: float
+    uniform: bool = False
+
+    @classmethod
+    def of(
+        cls, ranks: Mapping[str, int], *, alpha: float | None = None, uniform: bool = False
+    ) -> RankLayout:
+        """The layout of ``ranks``: ``r`` is the largest rank with ``uniform``, else the most
+        common one (the fewest rank_pattern entries; ties: the larger)."""
+        counts = collections.Counter(ranks.values())
+        if uniform:
+            r = max(counts, default=8)
+        else:
+            r = max(counts, key=lambda k: (counts[k], k)) if counts else 8
+        return cls(dict(ranks), r, float(alpha) if alpha is not None else float(r), uniform)
+
+    def stored_rank(self, module: str) -> int:
+        """The rank ``module``'s factors are stored at (padded with zeros past its own)."""
+        return self.r if self.uniform else self.ranks[module]
+
+    def scaling(self, module: str) -> float:
+        """``lora_alpha / stored rank``: what every client but vLLM multiplies B @ A by."""
+        return self.lora_alpha / self.stored_rank(module)
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the stored ranks differ (a rank_pattern is written)."""
+        return len({self.stored_rank(m) for m in self.ranks}) > 1
+
+    def config(self) -> dict[str, Any]:
+        """``r``, ``lora_alpha``, ``rank_pattern`` (escaped full names, which cannot overlap)
+        and an empty ``alpha_pattern``; rslora off (its scaling is folded too)."""
+        return {
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "rank_pattern": {re.escape(m): self.stored_rank(m) for m in self.ranks
+                             if self.stored_rank(m) != self.r},
+            "alpha_pattern": {},
+            "use_rslora": False,
+        }  # fmt: skip
+
+    def notes(self, sizes: Mapping[str, int]) -> list[str]:
+        """What a serving client needs to know: the one note about mixed ranks, or what
+        ``uniform`` costs. ``sizes`` maps each module to out + in features (parameters per
+        rank)."""
+        own = sum(k * sizes[m] for m, k in self.ranks.items())
+        stored = sum(self.stored_rank(m) * sizes[m] for m in self.ranks)
+        if self.uniform:
+            extra = stored - own
+            share = f" (+{extra / own:.0%})" if own else ""
+            return [f"--uniform-rank: every module at rank {self.r}, {stored:,} LoRA parameters, "
+                    f"{extra:,} more than at their own ranks{share}"]  # fmt: skip
+        if not self.mixed:
+            return []
+        wrong = sum(1 for m in self.ranks if self.stored_rank(m) != self.r)
+        return [
+            f"modules have different ranks (rank_pattern): vLLM and other servers that read "
+            f"only r={self.r} mis-scale {wrong} of {len(self.ranks)} modules; --uniform-rank "
+            f"stores every module at rank {max(self.ranks.values())} (zero-padded, "
+            f"{sum(max(self.ranks.values()) * s for s in sizes.values()) - own:,} more "
+            f"parameters), which every client applies right"
+        ]
 
 
 @dataclass(frozen=True)

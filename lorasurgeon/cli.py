@@ -74,6 +74,11 @@ _ADAPTER_OUTPUT = click.option(
     "-o", "--output", "out", required=True, metavar="OUT",
     help="The PEFT adapter directory to write.",
 )  # fmt: skip
+_UNIFORM_RANK = click.option(
+    "--uniform-rank", is_flag=True,
+    help="Store every module at the largest rank, zero-padded, with no rank_pattern: right "
+    "in every client, vLLM included; the summary states what it costs.",
+)  # fmt: skip
 _REPORT = click.option(
     "--report", "report_path", default=None, metavar="FILE.json",
     help="Write the per-module figures as JSON.",
@@ -325,7 +330,8 @@ def _fan_in_fan_out(text: str | None) -> list[str] | str | None:
     "--alpha",
     type=float,
     default=None,
-    help="LoRA alpha (> 0) of every module [default: each module's rank, scaling 1].",
+    help="The adapter's one lora_alpha (> 0) [default: its r, scaling 1 there]; each "
+    "module's scaling is folded into its factors (no alpha_pattern).",
 )
 @click.option(
     "--target-modules",
@@ -373,21 +379,25 @@ def _fan_in_fan_out(text: str | None) -> list[str] | str | None:
     "--plot", default=None, metavar="OUT.html|OUT.svg",
     help="Draw the relative error per layer and module.",
 )  # fmt: skip
+@_UNIFORM_RANK
 @_compute_options
 def extract(
     base: str, tuned: str, out: str, rank: int | None, alpha: float | None, target_modules: str,
     exclude_modules: str | None, layers_to_transform: str | None, layers_pattern: str | None,
     rank_method: str, energy: float | None, param_budget: int | None, min_rank: int,
     max_rank: int | None, svd: str, save_modules: str | None, dtype: str,
-    fan_in_fan_out: str | None, plot: str | None, report_path: str | None, overwrite: bool,
+    fan_in_fan_out: str | None, plot: str | None, uniform_rank: bool, report_path: str | None,
+    overwrite: bool,
     device: str, quiet: bool, debug: bool,
 ) -> None:  # fmt: skip
     """Extract a LoRA adapter from TUNED - BASE by truncated SVD.
 
     Each selected weight's update becomes scaling * B @ A, its best (exact) or near-best
     (randomized) low-rank approximation; weights equal in both are skipped. OUT is a PEFT
-    adapter directory that PeftModel.from_pretrained(base_model, OUT) loads. A summary of
-    the errors ends the run; tensors that changed but are not in the adapter are listed.
+    adapter directory that PeftModel.from_pretrained(base_model, OUT) loads, with one
+    lora_alpha, so that llama.cpp applies it right too; mixed ranks get a note (vLLM ignores
+    rank_pattern; --uniform-rank). A summary of the errors ends the run; tensors that changed
+    but are not in the adapter are listed.
 
     \b
     Examples:
@@ -412,8 +422,8 @@ def extract(
             layers_pattern=_split(layers_pattern), rank_method=rank_method, energy=energy,
             param_budget=param_budget, min_rank=min_rank, max_rank=max_rank, svd=svd,
             save_modules=_split(save_modules) or (), dtype=dtype,
-            fan_in_fan_out=_fan_in_fan_out(fan_in_fan_out), device=device,
-            overwrite=overwrite, progress=bar,
+            fan_in_fan_out=_fan_in_fan_out(fan_in_fan_out), uniform_rank=uniform_rank,
+            device=device, overwrite=overwrite, progress=bar,
         )  # fmt: skip
     finally:
         bar.close()
@@ -490,22 +500,25 @@ def _write_report(path: str | None, data: dict[str, Any]) -> None:
     "--seed", type=int, default=None, help="Seed of the dare_* random masks [default: 0]."
 )
 @_dtype_option("dtype of the stored factors; auto: float32, as PEFT saves them.")
+@_UNIFORM_RANK
 @_REPORT
 @_compute_options
 def combine(
     adapters: tuple[str, ...], out: str, weights: tuple[float, ...], method: str, svd: bool,
     rank: int | None, clamp: float | None, density: float | None, majority_sign: str | None,
-    seed: int | None, dtype: str, report_path: str | None, overwrite: bool, device: str,
-    quiet: bool, debug: bool,
+    seed: int | None, dtype: str, uniform_rank: bool, report_path: str | None,
+    overwrite: bool, device: str, quiet: bool, debug: bool,
 ) -> None:  # fmt: skip
     """Combine ADAPTERs into one, as PEFT's add_weighted_adapter does, without a model.
 
     The result matches add_weighted_adapter(ADAPTERs, weights, METHOD) (with --svd, METHOD's
     _svd variant); adapters with different targets combine over the union of their modules.
     A weighted sum is decomposed from its factors, never as a full matrix. Where PEFT is
-    wrong, lorasurgeon differs: each module keeps its true rank (rank_pattern), rslora
-    inputs give scaling 1 (PEFT: sqrt(rank) too large), tensors an adapter stores whole are
-    kept (PEFT: the base's); DoRA adapters are refused. DARE masks come from --seed.
+    wrong, lorasurgeon differs: each module keeps its true rank (rank_pattern), one
+    lora_alpha with each module's scaling folded into its factors (no alpha_pattern, so
+    llama.cpp applies it right), rslora inputs give the exact sum (PEFT: sqrt(rank) too
+    large), tensors an adapter stores whole are kept (PEFT: the base's); DoRA adapters are
+    refused. DARE masks come from --seed. --uniform-rank: no rank_pattern (for vLLM).
 
     \b
     Examples:
@@ -519,7 +532,7 @@ def combine(
         report = api.combine(
             adapters, out, weights=list(weights) or None, method=method, svd=svd, rank=rank,
             clamp=clamp, density=density, majority_sign=majority_sign, seed=seed, dtype=dtype,
-            device=device, overwrite=overwrite, progress=bar,
+            uniform_rank=uniform_rank, device=device, overwrite=overwrite, progress=bar,
         )  # fmt: skip
     finally:
         bar.close()
@@ -534,37 +547,42 @@ def combine(
     "--rank",
     type=click.IntRange(min=1),
     default=None,
-    help="New rank of every module (fixed); modules already at or below it stay lossless.",
+    help="New rank of every module (fixed); modules already at or below it stay lossless "
+    "[default: without any rank option, every module keeps its rank].",
 )
 @_rank_selection_options("the input rank")
 @_dtype_option("dtype of the stored factors; auto: the input's.")
+@_UNIFORM_RANK
 @_compute_options
 def resize(
     adapter: str, out: str, rank: int | None, rank_method: str, energy: float | None,
     param_budget: int | None, min_rank: int, max_rank: int | None, report_path: str | None,
-    dtype: str, overwrite: bool, device: str, quiet: bool, debug: bool,
+    dtype: str, uniform_rank: bool, overwrite: bool, device: str, quiet: bool, debug: bool,
 ) -> None:  # fmt: skip
     """Change the ranks of ADAPTER's modules, each the best approximation at its rank.
 
     Each module's update scaling * B @ A is decomposed exactly from its factors (never as a
     full matrix) and truncated: --rank R everywhere, or ranks chosen as extract chooses them
-    (energy, budget). A rank at or above a module's own is lossless. Scalings (alpha per
-    rank, rslora) and whole tensors are kept. A summary of the errors ends the run.
+    (energy, budget). A rank at or above a module's own is lossless. Without a rank option
+    every module keeps its rank: anyone's adapter (alpha_pattern, rslora, mixed ranks)
+    rewritten losslessly with one lora_alpha, which llama.cpp applies right; add
+    --uniform-rank for vLLM. Each module's update and the whole tensors are kept. A summary
+    of the errors ends the run.
 
     \b
     Examples:
+      lorasurgeon resize their-lora/ -o client-safe --uniform-rank
       lorasurgeon resize my-lora/ -o my-lora-r8 --rank 8
       lorasurgeon resize my-lora/ -o smaller --rank-method energy --energy 0.95
       lorasurgeon resize my-lora/ -o smaller --rank-method budget --param-budget 5000000
     """
-    if rank is None and rank_method == "fixed":
-        raise click.UsageError("give --rank R, or --rank-method energy/budget")
     bar = _Bar(quiet, "resize", unit="step")
     try:
         report = api.resize(
             adapter, out, rank=rank, rank_method=rank_method, energy=energy,
-            param_budget=param_budget, min_rank=min_rank, max_rank=max_rank, dtype=dtype,
-            device=device, overwrite=overwrite, progress=bar,
+            param_budget=param_budget, min_rank=min_rank, max_rank=max_rank,
+            uniform_rank=uniform_rank, dtype=dtype, device=device, overwrite=overwrite,
+            progress=bar,
         )  # fmt: skip
     finally:
         bar.close()

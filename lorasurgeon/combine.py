@@ -24,10 +24,10 @@ from . import engine
 from .adapters import (
     Adapter,
     LoraModule,
+    RankLayout,
     adapter_output,
     lora_keys,
     open_adapter,
-    rank_config,
     report_dict,
 )
 from .dtypes import DType
@@ -86,12 +86,13 @@ class PlannedModule:
     def embedding(self) -> bool:
         return self.sources[0].lora.embedding
 
-    def output_tensors(self) -> tuple[OutputTensor, OutputTensor]:
+    def output_tensors(self, rank: int) -> tuple[OutputTensor, OutputTensor]:
+        """lora_A and lora_B as stored at ``rank`` (the module's own, or padded to it)."""
         a, b = self.sources[0].lora.lora_a.shape, self.sources[0].lora.lora_b.shape
         key_a, key_b = lora_keys(self.module, embedding=self.embedding)
         return (
-            OutputTensor(key_a, self.dtype, (self.rank, *a[1:])),
-            OutputTensor(key_b, self.dtype, (b[0], self.rank, *b[2:])),
+            OutputTensor(key_a, self.dtype, (rank, *a[1:])),
+            OutputTensor(key_b, self.dtype, (b[0], rank, *b[2:])),
         )
 
 
@@ -110,6 +111,7 @@ class CombinePlan:
     copies: tuple[TensorInfo, ...]  # stored whole, unchanged (modules_to_save, biases, tokens)
     config: dict[str, Any]
     notes: tuple[str, ...]
+    layout: RankLayout
 
 
 @dataclass(frozen=True)
@@ -283,13 +285,15 @@ def _merged_field(adapters: Sequence[Adapter], key: str) -> Any:
     return values[0][1] if values else None
 
 
-def _config(adapters: Sequence[Adapter], modules: Sequence[PlannedModule]) -> dict[str, Any]:
+def _config(
+    adapters: Sequence[Adapter], modules: Sequence[PlannedModule], layout: RankLayout
+) -> dict[str, Any]:
     """adapters[0]'s config (as PEFT), with exact module names as targets, each module's own
-    rank, scaling 1 (alpha = rank; rslora off, which PEFT would keep and so scale the result
-    by sqrt(rank)), and the union of what the adapters store whole."""
+    rank (or the largest, ``uniform``), one lora_alpha (the config's r: scaling 1 there;
+    other modules' scalings folded into their factors; rslora off, which PEFT would keep and
+    so scale the result by sqrt(rank)), and the union of what the adapters store whole."""
     config = dict(adapters[0].config.raw)
-    ranks = {m.module: m.rank for m in modules}
-    config.update(rank_config(ranks, {m: float(r) for m, r in ranks.items()}))
+    config.update(layout.config())
     saved = sorted({str(n) for a in adapters for n in a.config.raw.get("modules_to_save") or ()})
     biases = {str(a.config.raw.get("bias", "none")) for a in adapters}
     config.update(
@@ -331,6 +335,7 @@ def plan_combine(
     majority_sign: str | None = None,
     dtype: str = "auto",
     seed: int | None = None,
+    uniform_rank: bool = False,
 ) -> CombinePlan:
     """Plan ``combine`` from the adapters' headers; every error visible there surfaces here.
 
@@ -349,15 +354,17 @@ def plan_combine(
             opened[-1].require_plain_lora("combine")
         modules = _plan_modules(opened, options)
         copies = _plan_copies(opened)
-        config = _config(opened, modules)
+        layout = RankLayout.of({m.module: m.rank for m in modules}, uniform=uniform_rank)
+        config = _config(opened, modules, layout)
         notes = _notes(opened, options, len(adapters))
+        notes += layout.notes({m.module: sum(m.shape) for m in modules})
     finally:
         for a in opened:
             a.close()
     return CombinePlan(
         locations, options.weights, options.method, options.svd, options.clamp,
         options.density, options.majority_sign, tuple(modules), tuple(copies), config,
-        tuple(notes),
+        tuple(notes), layout,
     )  # fmt: skip
 
 
@@ -472,13 +479,27 @@ def _exact_sum(m: PlannedModule, factors: Sequence[_Factors]) -> tuple[Any, Any]
     return left, torch.cat([f.a2.double() for f in factors], dim=0)
 
 
-def _departure(m: PlannedModule, factors: Sequence[_Factors], a: Any, b: Any) -> float:
-    """||Σ c_i B_i A_i - B @ A||_F / ||Σ c_i B_i A_i||_F from Gram matrices (float64)."""
+def _departure(
+    m: PlannedModule, factors: Sequence[_Factors], a: Any, b: Any, scaling: float
+) -> float:
+    """||Σ c_i B_i A_i - scaling·B @ A||_F / ||Σ c_i B_i A_i||_F from Gram matrices (float64)."""
     from .lowrank import relative_distance
 
     left, right = _exact_sum(m, factors)
-    return relative_distance(left, right, b.reshape(b.shape[0], -1).double(),
+    return relative_distance(left, right, b.reshape(b.shape[0], -1).double() * scaling,
                              a.reshape(a.shape[0], -1).double())  # fmt: skip
+
+
+def _fold(a: Any, b: Any, scaling: float) -> tuple[Any, Any]:
+    """Factors with B @ A = delta rescaled so that scaling · B @ A = delta: each by
+    1 / sqrt(scaling), in float64, unchanged where scaling is 1."""
+    import torch
+
+    if scaling == 1:
+        return a, b
+    root = 1 / math.sqrt(scaling)
+    return ((a.to(torch.float64) * root).to(torch.float32),
+            (b.to(torch.float64) * root).to(torch.float32))  # fmt: skip
 
 
 def _load(files: TensorFiles, m: PlannedModule, device: torch.device) -> list[_Factors]:
@@ -504,13 +525,16 @@ def _computed(
         import torch
 
         from .dtypes import torch_dtype
+        from .ops import pad_rank
 
         generator = torch.Generator(device=device).manual_seed(seed)
         for m in plan.modules:
             factors = _load(files, m, device)
-            a, b = _combine_module(plan, m, factors, masks, generator)
+            scaling = plan.layout.scaling(m.module)
+            a, b = _fold(*_combine_module(plan, m, factors, masks, generator), scaling)
             a, b = a.to(torch_dtype(m.dtype)), b.to(torch_dtype(m.dtype))
-            error = _departure(m, factors, a, b)
+            error = _departure(m, factors, a, b, scaling)
+            a, b = pad_rank(a, b, plan.layout.stored_rank(m.module))
             rows.append(CombinedModule(m.module, list(m.shape), m.rank, len(m.sources), error))
             key_a, key_b = lora_keys(m.module, embedding=m.embedding)
             yield Computed(key_a, a.cpu())
@@ -520,7 +544,8 @@ def _computed(
 
 
 def _output(plan: CombinePlan, out: Path) -> Output:
-    planned = [t for m in plan.modules for t in m.output_tensors()]
+    planned = [t for m in plan.modules
+               for t in m.output_tensors(plan.layout.stored_rank(m.module))]  # fmt: skip
     return adapter_output(out, planned, plan.copies, plan.config)
 
 
@@ -547,6 +572,7 @@ def combine(
     density: float | None = None,
     majority_sign: str | None = None,
     seed: int | None = None,
+    uniform_rank: bool = False,
     dtype: str = "auto",
     device: str = "auto",
     overwrite: bool = False,
@@ -561,7 +587,10 @@ def combine(
     Differences from PEFT, all deliberate: adapters with different targets combine over the
     union of their modules (PEFT applies adapters[0]'s layer filter to all); each module is
     written at its true rank, with rank_pattern (PEFT pads with zeros, or writes factors its
-    config contradicts); rslora inputs give scaling 1 (PEFT's result is sqrt(rank) too large);
+    config contradicts), under one lora_alpha (the config's r) with each module's scaling
+    folded into its factors, so there is no alpha_pattern and the tensors of a module whose
+    rank is not r are PEFT's times sqrt(r_m / r); rslora inputs give the exact sum (PEFT's
+    result is sqrt(rank) too large);
     whole tensors one adapter stores (modules_to_save, biases, trainable tokens) are kept
     (PEFT replaces them with the base's); DoRA and lora_bias adapters are refused. DARE masks
     come from ``seed`` (PEFT draws from the global RNG). Nothing is at ``out`` unless it
@@ -573,6 +602,8 @@ def combine(
         svd: the ``_svd`` variant; rank: its rank (default: the largest input rank).
         clamp: quantile Q to clamp the SVD factors at; density: the fraction pruning keeps.
         majority_sign: ``total`` or ``frequency`` (ties, dare_ties).
+        uniform_rank: store every module at the largest rank, zero-padded, with no
+            rank_pattern (vLLM ignores rank_pattern).
         dtype: factor dtype; ``auto`` is float32, as PEFT saves combinations.
         masks: replays DARE masks instead of drawing them (see ``MaskSource``).
 
@@ -583,6 +614,7 @@ def combine(
     plan = plan_combine(
         adapters, weights=weights, method=method, svd=svd, rank=rank, clamp=clamp,
         density=density, majority_sign=majority_sign, dtype=dtype, seed=seed,
+        uniform_rank=uniform_rank,
     )  # fmt: skip
     out_path = engine.check_output(out, [loc.path for loc in plan.adapters],
                                    overwrite=overwrite)  # fmt: skip

@@ -22,6 +22,7 @@ from . import engine
 from .adapters import (
     KEY_PREFIX,
     ModuleReport,
+    RankLayout,
     adapter_output,
     lora_keys,
     report_dict,
@@ -472,48 +473,48 @@ def _same_bytes(m: ExtractModule, b: bytearray, t: bytearray) -> bool:
 
 
 def _module_factors(
-    r: _Result, rank: int, alpha: float, dtype: Any
+    r: _Result, rank: int, layout: RankLayout, dtype: Any
 ) -> tuple[Any, Any, ModuleReport]:
-    """The stored lora_A / lora_B (PEFT's layout for the module's type) and its report."""
-    scaling = alpha / rank
+    """The stored lora_A / lora_B (PEFT's layout for the module's type) and its report: the
+    module's scaling under ``layout``'s one alpha folded into the factors before rounding,
+    zero-padded to the stored rank."""
+    from .lowrank import stored_rel_error
+    from .ops import pad_rank
+
+    m = r.module
+    scaling = layout.scaling(m.module)
     a, b = r.svd.factors(rank, scaling)
     a, b = a.to(dtype), b.to(dtype)
-    from .lowrank import stored_rel_error
-
     error = stored_rel_error(r.svd, rank, a, b, scaling)
-    m = r.module
+    stored = layout.stored_rank(m.module)
+    a, b = pad_rank(a, b, stored)
     if m.layout == "conv":
         shape = m.base.shape
-        a = a.reshape(rank, *shape[1:])
-        b = b.reshape(shape[0], rank, *([1] * (len(shape) - 2)))
-    report = ModuleReport(m.module, list(m.matrix_shape), rank, alpha, error, 1 - error * error)
+        a = a.reshape(stored, *shape[1:])
+        b = b.reshape(shape[0], stored, *([1] * (len(shape) - 2)))
+    report = ModuleReport(m.module, list(m.matrix_shape), rank, layout.lora_alpha, error,
+                          1 - error * error)  # fmt: skip
     return a.contiguous(), b.contiguous(), report
 
 
 def _config(
-    plan: ExtractPlan, names: list[str], ranks: list[int], alphas: list[float], rank: int,
-    alpha: float, saved: list[str],
-) -> dict[str, Any]:  # fmt: skip
-    """adapter_config.json: exact module names as targets, and per-module ranks and alphas
-    that differ from the defaults as escaped full names, which cannot overlap."""
-    escaped = [re.escape(n) for n in names]
+    plan: ExtractPlan, names: list[str], layout: RankLayout, saved: list[str]
+) -> dict[str, Any]:
+    """adapter_config.json: exact module names as targets, one lora_alpha, and the stored
+    ranks that differ from ``r`` as escaped full names, which cannot overlap."""
     return {
-        "alpha_pattern": {e: a for e, a in zip(escaped, alphas, strict=True) if a != alpha},
         "base_model_name_or_path": str(plan.base),
         "bias": "none",
         "fan_in_fan_out": any(m.layout == "conv1d" for m in plan.modules),
         "inference_mode": True,
         "init_lora_weights": True,
-        "lora_alpha": alpha,
         "lora_dropout": 0.0,
         "modules_to_save": saved or None,
         "peft_type": "LORA",
-        "r": rank,
-        "rank_pattern": {e: r for e, r in zip(escaped, ranks, strict=True) if r != rank},
         "target_modules": sorted(names),
         "task_type": plan.task_type,
         "use_dora": False,
-        "use_rslora": False,
+        **layout.config(),
     }
 
 
@@ -587,14 +588,6 @@ def _not_in_adapter(
     return rows
 
 
-def _default_rank(policy: RankPolicy, ranks: Sequence[int]) -> int:
-    """The config's ``r``: the fixed rank, else the most common one (the fewest rank_pattern
-    entries; the smallest on a tie)."""
-    if policy.method is RankMethod.FIXED:
-        return policy.rank or DEFAULT_FIXED_RANK
-    return min(set(ranks), key=lambda r: (-ranks.count(r), r))
-
-
 def _share(share: float | None) -> str:
     return "by an amount its dtype does not let us measure" if share is None else (
         f"{share:.2%} of the update")  # fmt: skip
@@ -630,6 +623,7 @@ def extract(
     save_modules: Sequence[str] = (),
     dtype: str = "auto",
     fan_in_fan_out: Sequence[str] | str | None = None,
+    uniform_rank: bool = False,
     device: str = "auto",
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
@@ -645,8 +639,9 @@ def extract(
     Args:
         base, tuned: checkpoint directories, ``.safetensors`` files or Hub repo ids.
         out: the adapter directory to write.
-        rank: the rank of ``fixed``; alpha: LoRA alpha of every module (default: each
-            module's rank, i.e. scaling 1).
+        rank: the rank of ``fixed``; alpha: the one ``lora_alpha`` (default: the config's
+            ``r``). Each module's scaling is folded into its factors, so there is never an
+            alpha_pattern: PEFT, llama.cpp and vLLM all apply ``lora_alpha / rank``.
         target_modules: names, a regex, or ``all-linear`` (PEFT's rules).
         rank_method: ``fixed``; ``energy`` (smallest rank keeping fraction ``energy`` of each
             delta's squared norm); ``budget`` (``param_budget`` LoRA parameters in total, spent
@@ -661,6 +656,8 @@ def extract(
         fan_in_fan_out: which 2-D weights are GPT-2 ``Conv1D`` (stored (in, out)): ``"all"``,
             ``"none"``, or module names (the others are ``nn.Linear``). Needed only when
             neither checkpoint has a config.json; a contradiction with it is an error.
+        uniform_rank: store every module at the largest rank, zero-padded, with no
+            rank_pattern (vLLM ignores rank_pattern).
 
     Raises:
         LocationError, CheckpointError, IncompatibleError, OptionError, OutputError.
@@ -689,26 +686,25 @@ def extract(
         method=policy.method, rank=options.rank, energy=policy.energy,
         param_budget=policy.param_budget, min_rank=policy.min_rank, max_rank=policy.max_rank,
     )  # fmt: skip
-    tensors, modules, alphas = [], [], []
+    names = [r.module.module for r in results]
+    layout = RankLayout.of(dict(zip(names, ranks, strict=True)), alpha=options.alpha,
+                           uniform=uniform_rank)  # fmt: skip
+    tensors, modules = [], []
     for r, k in zip(results, ranks, strict=True):
-        a_value = float(options.alpha) if options.alpha is not None else float(k)
         stored = torch_dtype(options.dtype or r.module.base.dtype)
-        a, b, report = _module_factors(r, k, a_value, stored)
+        a, b, report = _module_factors(r, k, layout, stored)
         key_a, key_b = lora_keys(r.module.module, embedding=r.module.layout == "embedding")
         tensors += [(key_a, a), (key_b, b)]
         modules.append(report)
-        alphas.append(a_value)
-    default_rank = _default_rank(policy, ranks)
-    default_alpha = float(options.alpha) if options.alpha is not None else float(default_rank)
-    names = [r.module.module for r in results]
     saved_names = sorted({t.name.rpartition(".")[0] for _, t in plan.saved})
-    config = _config(plan, names, ranks, alphas, default_rank, default_alpha, saved_names)
+    config = _config(plan, names, layout, saved_names)
     with TensorFiles() as files:
         others = _not_in_adapter(plan, files, sum(r.svd.total_energy for r in results))
     engine.run(_output(out_path, plan, tensors, config),
                lambda _: (Computed(k, v) for k, v in tensors), overwrite=overwrite)  # fmt: skip
     total_params = sum(int(t.numel()) for _, t in tensors)
-    notes = [f"{row['tensor']} differs ({_share(row['share'])}) but is not in the adapter"
+    notes = layout.notes({r.module.module: sum(r.module.matrix_shape) for r in results})
+    notes += [f"{row['tensor']} differs ({_share(row['share'])}) but is not in the adapter"
              for row in others if row["share"] is None or row["share"] >= 0.01]  # fmt: skip
     notes += [f"{t.name} is stored whole with {t.shape[0]} rows (the base has {b.shape[0]}): "
               f"resize the base to {t.shape[0]} tokens before loading the adapter"

@@ -335,3 +335,21 @@ def _check_combination(
         raise OptionError(f"density must be in (0, 1], not {density}")
     if method.random and density < 1 and (masks is None or len(masks) != len(tensors)):
         raise OptionError(f"{method.value} needs one random mask per tensor")
+
+
+__all__ += ["pad_rank"]
+
+
+def pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lora_a`` (k, ...) and ``lora_b`` (out, k, ...) zero-padded to ``rank`` >= k: the same
+    B @ A, stored at ``rank`` (``--uniform-rank``)."""
+    import torch
+
+    k = a.shape[0]
+    if rank == k:
+        return a, b
+    if rank < k:
+        raise ValueError(f"cannot pad rank {k} down to {rank}")
+    a = torch.cat([a, a.new_zeros(rank - k, *a.shape[1:])], dim=0)
+    b = torch.cat([b, b.new_zeros(b.shape[0], rank - k, *b.shape[2:])], dim=1)
+    return a, b

@@ -118,8 +118,10 @@ def resize_lines(report: ResizeReport) -> list[str]:
     kept = min((m.energy_kept for m in report.modules), default=1.0)
     return [
         f"wrote {report.out}: {len(report.modules)} modules, "
-        f"{_ranks([m.rank for m in report.modules])}, {count(report.total_params)} parameters "
-        f"(was {count(report.input_params)}), {report.seconds:.1f} s",
+        f"{_ranks([m.rank for m in report.modules])}"
+        f"{' (each kept)' if report.rank_method == 'keep' else ''}, "
+        f"{count(report.total_params)} parameters (was {count(report.input_params)}), "
+        f"{report.seconds:.1f} s",
         _errors(report.to_dict(), kept),
     ]
 
@@ -150,6 +152,20 @@ def summary_lines(s: Summary) -> list[str]:
         lines.append(f"saved whole: {', '.join(s.saved_whole)}")
     if s.ignored_modules:
         lines.append(f"ignored (not selected by the config): {', '.join(s.ignored_modules)}")
+    return lines + _client_lines(s)
+
+
+def _client_lines(s: Summary) -> list[str]:
+    """Whether each serving client applies the adapter as PEFT does, and why not."""
+    lines = ["applied as PEFT does:"]
+    width = max((len(c.client) for c in s.clients), default=0)
+    verdicts = {"right": "yes", "wrong": "NO", "refused": "refused", "unknown": "unknown"}
+    for c in s.clients:
+        reasons = f" ({'; '.join(c.reasons)})" if c.reasons else ""
+        lines.append(f"  {c.client:<{width}}  {verdicts.get(c.verdict, c.verdict)}{reasons}")
+    if any(c.verdict == "wrong" for c in s.clients):
+        lines.append("  fix: lorasurgeon resize ADAPTER -o OUT writes the same update with one "
+                     "lora_alpha; add --uniform-rank for vLLM")  # fmt: skip
     return lines
 
 

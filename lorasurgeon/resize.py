@@ -24,15 +24,15 @@ from .adapters import (
     Adapter,
     LoraModule,
     ModuleReport,
+    RankLayout,
     adapter_output,
     lora_keys,
     open_adapter,
-    rank_config,
     report_dict,
 )
 from .dtypes import DType
 from .engine import Computed
-from .errors import AdapterError, OptionError
+from .errors import AdapterError
 from .locations import Role, resolve
 from .options import RankMethod, RankPolicy, choice
 from .reader import TensorFiles, check_finite_inputs
@@ -43,7 +43,10 @@ if TYPE_CHECKING:
 
     from .lowrank import TruncatedSVD
 
-__all__ = ["ResizeReport", "resize"]
+__all__ = ["KEEP", "ResizeReport", "resize"]
+
+#: The ``rank_method`` of a resize that keeps every module's rank (no rank option given).
+KEEP = "keep"
 
 logger = logging.getLogger(__name__)
 
@@ -105,14 +108,10 @@ def _spectra(
     return spectra
 
 
-def _alpha(lora: LoraModule, rank: int, rslora: bool) -> float:
-    """The alpha that keeps the module's scaling at the new rank."""
-    return lora.scaling * (math.sqrt(rank) if rslora else rank)
-
-
-def _planned(adapter: Adapter, ranks: list[int], dtype: str | None) -> list[OutputTensor]:
+def _planned(adapter: Adapter, layout: RankLayout, dtype: str | None) -> list[OutputTensor]:
     planned = []
-    for lora, k in zip(adapter.modules.values(), ranks, strict=True):
+    for lora in adapter.modules.values():
+        k = layout.stored_rank(lora.module)
         key_a, key_b = lora_keys(lora.module, embedding=lora.embedding)
         code = dtype or lora.lora_a.dtype
         a_shape, b_shape = lora.lora_a.shape, lora.lora_b.shape
@@ -122,43 +121,64 @@ def _planned(adapter: Adapter, ranks: list[int], dtype: str | None) -> list[Outp
 
 
 def _computed(
-    adapter: Adapter, ranks: list[int], dtype: str | None, device: torch.device,
+    adapter: Adapter, layout: RankLayout, dtype: str | None, device: torch.device,
     rows: list[ModuleReport], progress: ProgressCallback | None,
 ) -> Callable[[TensorFiles], Iterator[Computed]]:  # fmt: skip
-    """Each module's truncated factors as the engine's stream; report rows go to ``rows``,
-    steps to ``progress`` (the second half of resize's 2 steps per module)."""
+    """Each module's truncated factors as the engine's stream, its scaling under ``layout``'s
+    one alpha folded in before rounding and zero-padded to the stored rank; report rows go to
+    ``rows``, steps to ``progress`` (the second half of resize's 2 steps per module)."""
 
     def produce(files: TensorFiles) -> Iterator[Computed]:
         from .dtypes import torch_dtype
         from .lowrank import stored_rel_error
+        from .ops import pad_rank
 
-        count = len(ranks)
-        for i, (lora, k) in enumerate(zip(adapter.modules.values(), ranks, strict=True)):
+        count = len(adapter.modules)
+        for i, lora in enumerate(adapter.modules.values()):
+            k, scaling = layout.ranks[lora.module], layout.scaling(lora.module)
             svd = _decompose(files, lora, device, k)
-            a, b = svd.factors(k, lora.scaling)
+            a, b = svd.factors(k, scaling)
             stored = torch_dtype(dtype or lora.lora_a.dtype)
             a, b = a.to(stored), b.to(stored)
-            error = stored_rel_error(svd, k, a, b, lora.scaling)
-            alpha = _alpha(lora, k, adapter.config.use_rslora)
-            rows.append(ModuleReport(lora.module, list(_shape(lora)), k, alpha, error,
-                                     1 - error * error))  # fmt: skip
+            error = stored_rel_error(svd, k, a, b, scaling)
+            rows.append(ModuleReport(lora.module, list(_shape(lora)), k, layout.lora_alpha,
+                                     error, 1 - error * error))  # fmt: skip
+            n = layout.stored_rank(lora.module)
+            a, b = pad_rank(a, b, n)
             key_a, key_b = lora_keys(lora.module, embedding=lora.embedding)
-            yield Computed(key_a, a.reshape(k, *lora.lora_a.shape[1:]).cpu())
-            yield Computed(key_b, b.reshape(lora.lora_b.shape[0], k, *lora.lora_b.shape[2:]).cpu())
+            yield Computed(key_a, a.reshape(n, *lora.lora_a.shape[1:]).cpu())
+            yield Computed(key_b, b.reshape(lora.lora_b.shape[0], n, *lora.lora_b.shape[2:]).cpu())
             if progress is not None:
                 progress(count + i + 1, 2 * count)
 
     return produce
 
 
-def _config(adapter: Adapter, ranks: list[int]) -> dict[str, Any]:
-    modules = list(adapter.modules.values())
-    alphas = {m.module: _alpha(m, k, adapter.config.use_rslora)
-              for m, k in zip(modules, ranks, strict=True)}  # fmt: skip
+def _config(adapter: Adapter, layout: RankLayout) -> dict[str, Any]:
     config = dict(adapter.config.raw)
-    config.update(rank_config({m.module: k for m, k in zip(modules, ranks, strict=True)},
-                              alphas), inference_mode=True)  # fmt: skip
+    config.update(layout.config(), inference_mode=True)
     return config
+
+
+def _ranks(
+    opened: Adapter, policy: RankPolicy | None, files: TensorFiles, device: torch.device,
+    progress: ProgressCallback | None,
+) -> list[int]:  # fmt: skip
+    """Each module's new rank: without a ``policy`` its own (at most its matrix's smaller
+    side), else chosen from its spectrum as extract chooses."""
+    from . import lowrank
+
+    modules = list(opened.modules.values())
+    if policy is None:
+        if progress is not None:
+            progress(len(modules), 2 * len(modules))
+        return [min(m.rank, *_shape(m)) for m in modules]
+    spectra = _spectra(opened, files, device, progress)
+    return lowrank.select_ranks(
+        spectra, [_shape(m) for m in modules], method=policy.method, rank=policy.rank or 1,
+        energy=policy.energy, param_budget=policy.param_budget, min_rank=policy.min_rank,
+        max_rank=policy.max_rank,
+    )  # fmt: skip
 
 
 def resize(
@@ -171,6 +191,7 @@ def resize(
     param_budget: int | None = None,
     min_rank: int = 1,
     max_rank: int | None = None,
+    uniform_rank: bool = False,
     dtype: str = "auto",
     device: str = "auto",
     overwrite: bool = False,
@@ -182,23 +203,22 @@ def resize(
     Ranks as in ``extract``: ``fixed`` (``rank``), ``energy`` (the smallest rank keeping
     fraction ``energy`` of each delta's squared norm) or ``budget`` (``param_budget`` LoRA
     parameters in total, spent where they remove the most squared error), within
-    ``min_rank``..``max_rank`` and never above a module's input rank (lossless there). Each
-    module keeps its scaling (alpha is rescaled with the rank; rslora is kept), singular values
-    are split evenly between A and B, whole tensors are copied unchanged. Nothing is at
-    ``out`` unless it returns.
+    ``min_rank``..``max_rank`` and never above a module's input rank (lossless there). With
+    no rank option (``rank_method="fixed"``, ``rank=None``) every module keeps its own rank:
+    the same update, losslessly rewritten for every client. Each module's update is kept: the
+    output has one ``lora_alpha`` (the config's ``r``, scaling 1 there), no alpha_pattern and
+    no rslora, each module's scaling folded into its factors before rounding;
+    ``uniform_rank`` stores every module at the largest rank, zero-padded, with no
+    rank_pattern. Singular values are split evenly between A and B, whole tensors are copied
+    unchanged. Nothing is at ``out`` unless it returns.
 
     Raises:
         LocationError, AdapterError, OptionError, OutputError.
     """
-    from . import lowrank
     from .ops import resolve_device
 
     started = time.monotonic()
-    policy = RankPolicy(choice(RankMethod, rank_method, "rank method"), rank, energy,
-                        param_budget, min_rank, max_rank)  # fmt: skip
-    method = policy.method
-    if method is RankMethod.FIXED and rank is None:
-        raise OptionError("give --rank R", hint="or --rank-method energy/budget")
+    policy = _policy(rank, rank_method, energy, param_budget, min_rank, max_rank)
     code = DType.code_of(dtype)
     location = resolve(adapter, role=Role.ADAPTER)
     out_path = engine.check_output(out, [location.path], overwrite=overwrite)
@@ -207,24 +227,40 @@ def resize(
         opened.require_plain_lora("resize")
         if not opened.modules:
             raise AdapterError("holds no LoRA modules to resize", path=opened.config.path)
-        spectra = _spectra(opened, files, compute, progress)
-        ranks = lowrank.select_ranks(
-            spectra, [_shape(m) for m in opened.modules.values()], method=method,
-            rank=rank or 1, energy=energy, param_budget=param_budget, min_rank=min_rank,
-            max_rank=max_rank,
-        )  # fmt: skip
+        ranks = _ranks(opened, policy, files, compute, progress)
+        layout = RankLayout.of(dict(zip(opened.modules, ranks, strict=True)),
+                               uniform=uniform_rank)  # fmt: skip
         copies = [*opened.replacements.values(), *(t for _, t in opened.token_rows.values())]
-        output = adapter_output(out_path, _planned(opened, ranks, code), copies,
-                                _config(opened, ranks))  # fmt: skip
+        output = adapter_output(out_path, _planned(opened, layout, code), copies,
+                                _config(opened, layout))  # fmt: skip
         rows: list[ModuleReport] = []
-        engine.run(output, _computed(opened, ranks, code, compute, rows, progress),
+        engine.run(output, _computed(opened, layout, code, compute, rows, progress),
                    overwrite=overwrite)  # fmt: skip
-        before = sum(m.rank * sum(_shape(m)) for m in opened.modules.values())
-    notes = [f"{len(opened.ignored)} LoRA modules the config does not select were left out, "
-             "as PEFT ignores them"] if opened.ignored else []  # fmt: skip
+        sizes = {m.module: sum(_shape(m)) for m in opened.modules.values()}
+        before = sum(m.rank * sizes[m.module] for m in opened.modules.values())
+    notes = layout.notes(sizes)
+    if opened.ignored:
+        notes.append(f"{len(opened.ignored)} LoRA modules the config does not select were left "
+                     "out, as PEFT ignores them")  # fmt: skip
     for note in notes:
         logger.warning(note)
     return ResizeReport(
-        out_path, rows, sum(r.rank * sum(r.shape) for r in rows), before, method.value,
-        time.monotonic() - started, notes,
+        out_path, rows, sum(layout.stored_rank(m) * sizes[m] for m in sizes), before,
+        policy.method.value if policy else KEEP, time.monotonic() - started, notes,
     )  # fmt: skip
+
+
+def _policy(
+    rank: int | None, rank_method: str, energy: float | None, param_budget: int | None,
+    min_rank: int, max_rank: int | None,
+) -> RankPolicy | None:  # fmt: skip
+    """The rank policy, None (``keep``: every module's own rank) when no rank option is given.
+
+    Raises:
+        OptionError: as ``RankPolicy``.
+    """
+    given = (rank, energy, param_budget, max_rank)
+    if rank_method == "fixed" and all(v is None for v in given) and min_rank == 1:
+        return None
+    return RankPolicy(choice(RankMethod, rank_method, "rank method"), rank, energy,
+                      param_budget, min_rank, max_rank)  # fmt: skip

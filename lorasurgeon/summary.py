@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .adapters import ADAPTER_CONFIG_NAME, LoraModule, open_adapter
+from .clients import ClientCheck, client_checks
 from .locations import Role, resolve
 from .reader import Checkpoint, open_checkpoint, read_config
 
@@ -52,6 +53,7 @@ class Summary:
     modules: list[AdapterModuleSummary] = field(default_factory=list)
     saved_whole: list[str] = field(default_factory=list)
     ignored_modules: list[str] = field(default_factory=list)
+    clients: list[ClientCheck] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (what ``inspect --json`` prints)."""
@@ -81,7 +83,8 @@ def _module_summary(m: LoraModule) -> AdapterModuleSummary:
 
 def summarize(location: str | os.PathLike[str]) -> Summary:
     """Describe a checkpoint or adapter: format, tensor count, parameters, dtypes, size; for an
-    adapter also its targets and each module's rank, alpha and scaling.
+    adapter also its targets, each module's rank, alpha and scaling, and whether PEFT,
+    llama.cpp and vLLM apply it as PEFT does (``clients``).
 
     Raises:
         LocationError, CheckpointError, AdapterError.
@@ -100,7 +103,7 @@ def summarize(location: str | os.PathLike[str]) -> Summary:
                 target_modules=target if isinstance(target, (str, type(None))) else list(target),
                 modules=[_module_summary(m) for m in adapter.modules.values()],
                 saved_whole=sorted(adapter.replacements) + sorted(adapter.token_rows),
-                ignored_modules=list(adapter.ignored),
+                ignored_modules=list(adapter.ignored), clients=client_checks(adapter),
             )  # fmt: skip
     with open_checkpoint(path) as checkpoint:
         model_type = read_config(path).get("model_type")

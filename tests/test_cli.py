@@ -532,7 +532,7 @@ def test_readme_combine_and_resize_run_on_the_fixtures(
         (["combine", "{a}", "{a}", "--rank", "4"], 2, "--svd"),
         (["combine", "{a}", "{a}", "--method", "mean"], 2, "--method"),
         (["combine", "{a}", "{t}"], 1, "adapter_config.json"),
-        (["resize", "{a}"], 2, "--rank"),
+        (["resize", "{a}", "--max-rank", "4"], 2, "--max-rank"),
         (["resize", "{a}", "--rank-method", "energy"], 2, "--energy"),
         (["resize", "{t}", "--rank", "2"], 1, "adapter_config.json"),
     ],

@@ -182,12 +182,16 @@ def test_cat_is_peft_without_its_zero_padding(
     ours = loaded_by_peft(llama_fp32, tmp_path / "out")
     peft = peft_combine(llama_fp32, adapters, WEIGHTS, "cat")
     exact = exact_sum(llama_fp32, adapters, WEIGHTS)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["alpha_pattern"] == {} and config["lora_alpha"] == config["r"]
     for module, (a, b, scaling) in ours.items():
         pa, pb, _ = peft[module]
         rank = a.shape[0]  # ours: the sum of the ranks present here; PEFT pads to 4 + 8
         assert rank == (12 if "q_proj" in module else 8 if "k_proj" in module else 4)
-        assert scaling == 1.0
-        assert rel(a, pa[:rank]) <= FP32_REL_TOL and rel(b, pb[:, :rank]) <= FP32_REL_TOL
+        assert scaling == config["lora_alpha"] / rank  # one alpha: PEFT's, llama.cpp's rule
+        root = math.sqrt(scaling)  # PEFT's factors (scaling 1) with the scaling folded in
+        assert rel(a * root, pa[:rank]) <= FP32_REL_TOL
+        assert rel(b * root, pb[:, :rank]) <= FP32_REL_TOL
         assert not pa[rank:].any() and not pb[:, rank:].any()
         assert rel(effective(ours[module]), exact[module]) <= FP32_REL_TOL
 
@@ -416,15 +420,22 @@ def test_rslora_inputs_give_the_exact_sum_where_peft_is_sqrt_r_too_large(
 
 def test_rank_pattern_inputs_keep_per_module_ranks(llama_fp32: TinyBase, tmp_path: Path) -> None:
     """PEFT's linear gives factors its own config contradicts (they cannot be reloaded); ours
-    writes each module's rank in rank_pattern and reloads, with PEFT's tensors."""
+    writes each module's rank in rank_pattern and reloads, with PEFT's factors times
+    1 / sqrt(scaling) each (one lora_alpha = r: scaling 2 at rank 2), so PEFT's update."""
     config = lora("q_proj", "v_proj", rank_pattern={"q_proj": 2})
     adapters = [make_adapter(llama_fp32, config, tmp_path / f"a{i}", seed=60 + i)
                 for i in range(2)]  # fmt: skip
     run(adapters, tmp_path / "out", weights=WEIGHTS)
-    assert_same_tensors(loaded_by_peft(llama_fp32, tmp_path / "out"),
-                        peft_combine(llama_fp32, adapters, WEIGHTS, "linear"))  # fmt: skip
+    ours = loaded_by_peft(llama_fp32, tmp_path / "out")
+    peft = peft_combine(llama_fp32, adapters, WEIGHTS, "linear")
+    folded = {m: (a * math.sqrt(s), b * math.sqrt(s), 1.0) for m, (a, b, s) in ours.items()}
+    assert_same_tensors(folded, peft)
     saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
-    assert saved["r"] == 4 and set(saved["rank_pattern"].values()) == {2}
+    assert saved["r"] == saved["lora_alpha"] == 4 and set(saved["rank_pattern"].values()) == {2}
+    assert saved["alpha_pattern"] == {}
+    assert {m: s for m, (_, _, s) in ours.items() if s != 1} == {
+        m: 2.0 for m in ours if "q_proj" in m
+    }
 
 
 def test_whole_tensors_of_one_adapter_are_kept(llama_fp32: TinyBase, tmp_path: Path) -> None:

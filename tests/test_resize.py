@@ -2,7 +2,8 @@
 
 Lossless at or above the input rank, optimal below it (Eckart-Young on the product, checked
 against a dense float64 SVD), the report's errors are the measured ones, rank selection obeys
-its constraints, and PEFT loads the result with the scalings kept.
+its constraints, and PEFT loads the result with each module's update kept under one
+lora_alpha (the config's r, so scaling 1 at that rank; no alpha_pattern, no rslora).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def test_resize_at_or_above_the_input_rank_is_lossless(
     assert ours.keys() == source.keys()
     for module, factors in ours.items():
         assert factors[0].shape[0] == 8  # never padded above the input rank
-        assert factors[2] == source[module][2]  # the scaling is kept
+        assert factors[2] == 1.0  # one lora_alpha, = r: the input's scaling 2 is folded in
         assert rel(effective(factors), effective(source[module])) <= FP32_REL_TOL
     assert report.to_dict()["worst_rel_error"] <= FP32_REL_TOL
 
@@ -65,7 +66,7 @@ def test_smaller_rank_is_the_eckart_young_optimum(
         assert best > 0.05  # a real truncation
         assert measured == pytest.approx(best, rel=1e-5)
         assert reported[module].rel_error == pytest.approx(measured, rel=1e-5)
-        assert reported[module].rank == 3 and reported[module].alpha == pytest.approx(6.0)
+        assert reported[module].rank == 3 and reported[module].alpha == 3.0
 
 
 def test_energy_ranks_keep_the_fraction_and_are_minimal(rank8: Path, tmp_path: Path) -> None:
@@ -88,15 +89,17 @@ def test_budget_ranks_stay_within_the_budget(rank8: Path, tmp_path: Path) -> Non
     assert len({m.rank for m in report.modules}) > 1 and config["rank_pattern"]
 
 
-def test_rslora_conv_and_embedding_modules_keep_their_scaling(
+def test_rslora_conv_and_embedding_modules_keep_their_update(
     conv_net: TinyBase, tmp_path: Path
 ) -> None:
     source_dir = make_adapter(conv_net, lora("conv", "pointwise", "head", use_rslora=True),
                               tmp_path / "a", seed=301)  # fmt: skip
     lorasurgeon.resize(source_dir, tmp_path / "out", rank=2)
     ours, source = loaded_by_peft(conv_net, tmp_path / "out"), loaded_by_peft(conv_net, source_dir)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["use_rslora"] is False and config["lora_alpha"] == config["r"] == 2
     for module, factors in ours.items():
-        assert factors[2] == pytest.approx(source[module][2])  # alpha / sqrt(r) kept
+        assert factors[2] == 1.0  # alpha / sqrt(r) folded into the factors
         best = optimal_error(effective(source[module]), 2)
         assert rel(effective(factors), effective(source[module])) == pytest.approx(best, rel=1e-5)
 
@@ -131,14 +134,16 @@ def test_bias_all_wrapper_copies_are_left_out_as_peft_loads_them(
     assert "model.layers.0.mlp.up_proj.bias" in report.changed
 
 
-def test_resize_refuses_dora_and_a_missing_rank(
+def test_resize_refuses_dora_and_options_that_cannot_apply(
     llama_fp32: TinyBase, rank8: Path, tmp_path: Path
 ) -> None:
     dora = make_adapter(llama_fp32, lora("q_proj", use_dora=True), tmp_path / "d", seed=303)
     with pytest.raises(AdapterError, match="DoRA"):
         lorasurgeon.resize(dora, tmp_path / "out", rank=2)
-    with pytest.raises(OptionError, match="--rank"):
-        lorasurgeon.resize(rank8, tmp_path / "out")
+    with pytest.raises(OptionError, match="--min-rank"):
+        lorasurgeon.resize(rank8, tmp_path / "out", min_rank=2)  # bounds of no rank method
+    with pytest.raises(OptionError, match="--energy"):
+        lorasurgeon.resize(rank8, tmp_path / "out", rank_method="energy")
     assert not (tmp_path / "out").exists()
 
 
