@@ -9,7 +9,8 @@ package does not import torch.
 """
 
 from .adapters import ModuleReport
-from .combine import CombineMethod, CombinePlan, CombineReport, combine, plan_combine
+from .combine import CombinePlan, CombineReport, combine, plan_combine
+from .dtypes import DType
 from .engine import handle_signals
 from .errors import (
     AdapterError,
@@ -23,10 +24,18 @@ from .errors import (
 )
 from .extract import ExtractPlan, ExtractReport, extract, plan_extraction
 from .merge import MergePlan, MergeReport, merge, plan_merge
+from .options import (
+    CombineMethod,
+    CombineOptions,
+    MajoritySign,
+    RankMethod,
+    RankPolicy,
+    SvdMethod,
+)
 from .reader import Checkpoint, TensorInfo, open_checkpoint
 from .resize import ResizeReport, resize
 from .summary import Summary, summarize
-from .writer import DType, parse_size
+from .writer import parse_size
 
 __version__ = "0.1.0"
 
@@ -35,6 +44,7 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CombineMethod",
+    "CombineOptions",
     "CombinePlan",
     "CombineReport",
     "DType",
@@ -44,13 +54,17 @@ __all__ = [
     "Interrupted",
     "LocationError",
     "LorasurgeonError",
+    "MajoritySign",
     "MergePlan",
     "ModuleReport",
     "MergeReport",
     "OptionError",
     "OutputError",
+    "RankMethod",
+    "RankPolicy",
     "ResizeReport",
     "Summary",
+    "SvdMethod",
     "TensorInfo",
     "__version__",
     "combine",

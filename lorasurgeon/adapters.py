@@ -45,6 +45,8 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 #: Every key of a PEFT adapter file starts with this (PEFT's wrapper prefix).
 KEY_PREFIX = "base_model.model."
+# Segments inside a modules_to_save wrapper (ModulesToSaveWrapper's copy and original module).
+_WRAPPER_SEGMENTS = frozenset({"modules_to_save", "original_module"})
 _LORA_PARTS = {
     "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
     "lora_diag",  # KaSA: the learned singular values between A and B
@@ -308,7 +310,11 @@ class Adapter:
     ``replacements`` maps a module-relative tensor name (``.base_layer`` removed, e.g.
     ``score.weight``) to the stored tensor that replaces the base's. ``token_rows`` maps an
     embedding module to (row indices, stored rows). ``ignored`` lists modules with LoRA tensors
-    that the config does not select (PEFT ignores them silently). Close it after use.
+    that the config does not select (PEFT ignores them silently); ``unloaded`` lists stored
+    tensors that name no parameter once PEFT wraps the model (``<m>.weight`` of a LoRA module,
+    whose parameter is ``<m>.base_layer.weight``), which PEFT's loader ignores too. The copies
+    that ``bias="all"`` saves from inside a modules_to_save wrapper are dropped, as PEFT
+    does. Close it after use.
     """
 
     path: Path
@@ -319,6 +325,7 @@ class Adapter:
     embedding_copies: frozenset[str] = frozenset()
     token_rows: dict[str, tuple[tuple[int, ...], TensorInfo]] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)
+    unloaded: list[str] = field(default_factory=list)
 
     def __enter__(self) -> Adapter:
         return self
@@ -498,6 +505,12 @@ def open_adapter(
     config_path = root / ADAPTER_CONFIG_NAME
     weights = root / ADAPTER_WEIGHTS_NAME
     if not config_path.is_file():
+        if root.is_dir() and any(root.glob("*.safetensors")):
+            raise AdapterError(
+                f"is a model checkpoint, not a PEFT adapter (no {ADAPTER_CONFIG_NAME})",
+                path=root, hint="give a PEFT adapter directory (adapter_config.json and "
+                "adapter_model.safetensors) here",
+            )  # fmt: skip
         raise AdapterError(
             f"no {ADAPTER_CONFIG_NAME} here", path=root, hint="is this a PEFT adapter directory?"
         )
@@ -552,7 +565,14 @@ def _build(
                 )
             adapter.token_rows[module] = (indices, info)
             continue
+        if _WRAPPER_SEGMENTS & set(segments):
+            continue  # bias="all" saves a modules_to_save wrapper's inner biases too: PEFT's
+            # loader ignores <m>.modules_to_save.bias and drops <m>.original_module.bias
         base_name = ".".join(s for s in segments if s != "base_layer")
+        owner = base_name.rpartition(".")[0]
+        if "base_layer" not in segments and owner in adapter.modules:
+            adapter.unloaded.append(info.name)  # names nothing: the parameter is base_layer.*
+            continue
         if "base_layer" in segments and base_name.removesuffix(".weight") in adapter.modules:
             copies.add(base_name)  # PEFT saves targeted embeddings' base weights whole
         adapter.replacements[base_name] = info

@@ -11,6 +11,7 @@ import logging
 import re
 import sys
 from collections.abc import Callable, Sequence
+from enum import Enum
 from typing import Any, TypeVar
 
 import click
@@ -40,10 +41,14 @@ class DeviceParam(click.ParamType):  # type: ignore[type-arg]
 
     name = "auto|cpu|cuda|cuda:N"
 
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
+        return self.name  # click would upper-case it, but the values are lower case
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        if not _DEVICE.match(str(value)):
+        text = str(value).strip().lower()
+        if not _DEVICE.match(text):
             self.fail(f"{value!r} is not auto, cpu, cuda or cuda:N", param, ctx)
-        return str(value)
+        return text
 
 
 def _common(f: F) -> F:
@@ -75,9 +80,21 @@ _REPORT = click.option(
 )  # fmt: skip
 
 
+_FAN_IN_FAN_OUT = click.option(
+    "--fan-in-fan-out", default=None, metavar="MODULES|all|none",
+    help="Which 2-D modules are GPT-2 Conv1D (stored in x out); needed when the base has no "
+    "config.json [default: from config.json].",
+)  # fmt: skip
+
+
+def _choices(kind: type[Enum]) -> click.Choice:  # type: ignore[type-arg]
+    """A click choice of an enum's values, so that the two cannot drift apart."""
+    return click.Choice([str(member.value) for member in kind])
+
+
 def _dtype_option(help_text: str) -> Callable[[F], F]:
     return click.option(
-        "--dtype", type=click.Choice([d.value for d in api.DType]), default="auto",
+        "--dtype", type=_choices(api.DType), default="auto",
         show_default=True, help=help_text,
     )  # fmt: skip
 
@@ -100,32 +117,32 @@ def _rank_selection_options(max_default: str) -> Callable[[F], F]:
             "--max-rank",
             type=click.IntRange(min=1),
             default=None,
-            help=f"Largest rank of any module [default: {max_default}].",
+            help=f"Largest rank of any module (energy, budget) [default: {max_default}].",
         )(f)
         f = click.option(
             "--min-rank",
             type=click.IntRange(min=1),
             default=1,
             show_default=True,
-            help="Smallest rank of any module.",
+            help="Smallest rank of any module (energy, budget).",
         )(f)
         f = click.option(
             "--param-budget",
             type=click.IntRange(min=1),
             default=None,
             metavar="N",
-            help="Total LoRA parameters over the whole model (budget).",
+            help="Total LoRA parameters over the whole model (budget only).",
         )(f)
         f = click.option(
             "--energy",
             type=click.FloatRange(0, 1, min_open=True),
             default=None,
             metavar="F",
-            help="Fraction of each update's squared norm to keep (energy).",
+            help="Fraction of each update's squared norm to keep (energy only).",
         )(f)
         f = click.option(
             "--rank-method",
-            type=click.Choice(["fixed", "energy", "budget"]),
+            type=_choices(api.RankMethod),
             default="fixed",
             show_default=True,
             help="fixed rank; energy: smallest rank keeping --energy of each update; "
@@ -165,7 +182,8 @@ class _Bar:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(api.__version__, prog_name="lorasurgeon")
-def cli() -> None:
+@click.option("--debug", "_debug", is_flag=True, help="Show a traceback on errors.")
+def cli(_debug: bool) -> None:
     """Operate on checkpoints without loading a model.
 
     Fold PEFT LoRA adapters into safetensors checkpoints (`merge`), pull a LoRA out of a
@@ -210,12 +228,13 @@ def cli() -> None:
     default=None,
     help="Re-shard the output, e.g. 5GB [default: keep the base's shards].",
 )
+@_FAN_IN_FAN_OUT
 @click.option("--dry-run", is_flag=True, help="Print which tensors would change; write nothing.")
 @_compute_options
 def merge(
     base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], unmerge: bool,
-    dtype: str, max_shard_size: int | None, overwrite: bool, dry_run: bool, device: str,
-    quiet: bool, debug: bool,
+    dtype: str, max_shard_size: int | None, fan_in_fan_out: str | None, overwrite: bool,
+    dry_run: bool, device: str, quiet: bool, debug: bool,
 ) -> None:  # fmt: skip
     """Fold LoRA ADAPTERs into BASE, as PEFT's merge_and_unload() does.
 
@@ -234,7 +253,8 @@ def merge(
     """
     _check_weights(weights, adapters)
     options = dict(weights=list(weights) or None, unmerge=unmerge, dtype=dtype,
-                   max_shard_size=max_shard_size)  # fmt: skip
+                   max_shard_size=max_shard_size,
+                   fan_in_fan_out=_fan_in_fan_out(fan_in_fan_out))  # fmt: skip
     if dry_run:
         plan = api.plan_merge(base, adapters, out, **options)  # type: ignore[arg-type]
         _echo(render.merge_plan_lines(plan), err=False)
@@ -254,6 +274,19 @@ def _split(text: str | None) -> list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()] if text else None
 
 
+def _fan_in_fan_out(text: str | None) -> list[str] | str | None:
+    """--fan-in-fan-out as the API takes it: "all", "none" or module names."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("all", "none"):
+        return text.strip().lower()
+    names = _split(text)
+    if not names:
+        raise click.BadParameter("give all, none, or comma-separated module names",
+                                 param_hint="--fan-in-fan-out")  # fmt: skip
+    return names
+
+
 @cli.command()
 @click.argument("base")
 @click.argument("tuned")
@@ -261,15 +294,14 @@ def _split(text: str | None) -> list[str] | None:
 @click.option(
     "--rank",
     type=click.IntRange(min=1),
-    default=16,
-    show_default=True,
-    help="LoRA rank (the rank of --rank-method fixed).",
+    default=None,
+    help="LoRA rank of --rank-method fixed [default: 16].",
 )
 @click.option(
     "--alpha",
     type=float,
     default=None,
-    help="LoRA alpha of every module [default: each module's rank, scaling 1].",
+    help="LoRA alpha (> 0) of every module [default: each module's rank, scaling 1].",
 )
 @click.option(
     "--target-modules",
@@ -282,7 +314,8 @@ def _split(text: str | None) -> list[str] | None:
     "--exclude-modules",
     default=None,
     metavar="LIST",
-    help="Comma-separated module names never extracted.",
+    help="Comma-separated module names never extracted; their tensors may also be missing "
+    "from one checkpoint or differ in shape.",
 )
 @click.option(
     "--layers-to-transform",
@@ -294,12 +327,12 @@ def _split(text: str | None) -> list[str] | None:
     "--layers-pattern",
     default=None,
     metavar="NAME",
-    help="Name of the layer list, e.g. layers or h (with --layers-to-transform).",
+    help="Name of the layer list, e.g. layers or h (needs --layers-to-transform).",
 )
 @_rank_selection_options("128 for energy and budget")
 @click.option(
     "--svd",
-    type=click.Choice(["randomized", "exact"]),
+    type=_choices(api.SvdMethod),
     default="randomized",
     show_default=True,
     help="randomized: within 1% of the best error, fast; exact: the best error.",
@@ -311,13 +344,15 @@ def _split(text: str | None) -> list[str] | None:
     help="Modules stored whole instead, e.g. embed_tokens,lm_head.",
 )
 @_dtype_option("dtype of the stored factors; auto: the base weight's.")
+@_FAN_IN_FAN_OUT
 @_compute_options
 def extract(
-    base: str, tuned: str, out: str, rank: int, alpha: float | None, target_modules: str,
+    base: str, tuned: str, out: str, rank: int | None, alpha: float | None, target_modules: str,
     exclude_modules: str | None, layers_to_transform: str | None, layers_pattern: str | None,
     rank_method: str, energy: float | None, param_budget: int | None, min_rank: int,
     max_rank: int | None, svd: str, save_modules: str | None, dtype: str,
-    report_path: str | None, overwrite: bool, device: str, quiet: bool, debug: bool,
+    fan_in_fan_out: str | None, report_path: str | None, overwrite: bool, device: str,
+    quiet: bool, debug: bool,
 ) -> None:  # fmt: skip
     """Extract a LoRA adapter from TUNED - BASE by truncated SVD.
 
@@ -347,7 +382,8 @@ def extract(
             exclude_modules=_split(exclude_modules), layers_to_transform=layers,
             layers_pattern=_split(layers_pattern), rank_method=rank_method, energy=energy,
             param_budget=param_budget, min_rank=min_rank, max_rank=max_rank, svd=svd,
-            save_modules=_split(save_modules) or (), dtype=dtype, device=device,
+            save_modules=_split(save_modules) or (), dtype=dtype,
+            fan_in_fan_out=_fan_in_fan_out(fan_in_fan_out), device=device,
             overwrite=overwrite, progress=bar,
         )  # fmt: skip
     finally:
@@ -381,7 +417,7 @@ def _write_report(path: str | None, data: dict[str, Any]) -> None:
 )
 @click.option(
     "--method",
-    type=click.Choice([m.value for m in api.CombineMethod]),
+    type=_choices(api.CombineMethod),
     default="linear",
     show_default=True,
     help="PEFT's combination type. linear merges A and B separately (cross terms); cat is "
@@ -415,21 +451,20 @@ def _write_report(path: str | None, data: dict[str, Any]) -> None:
 )
 @click.option(
     "--majority-sign",
-    type=click.Choice(["total", "frequency"]),
-    default="total",
-    show_default=True,
-    help="How ties and dare_ties elect each value's sign.",
+    type=_choices(api.MajoritySign),
+    default=None,
+    help="How ties and dare_ties elect each value's sign [default: total].",
 )
 @click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of the DARE random masks."
+    "--seed", type=int, default=None, help="Seed of the dare_* random masks [default: 0]."
 )
 @_dtype_option("dtype of the stored factors; auto: float32, as PEFT saves them.")
 @_REPORT
 @_compute_options
 def combine(
     adapters: tuple[str, ...], out: str, weights: tuple[float, ...], method: str, svd: bool,
-    rank: int | None, clamp: float | None, density: float | None, majority_sign: str,
-    seed: int, dtype: str, report_path: str | None, overwrite: bool, device: str,
+    rank: int | None, clamp: float | None, density: float | None, majority_sign: str | None,
+    seed: int | None, dtype: str, report_path: str | None, overwrite: bool, device: str,
     quiet: bool, debug: bool,
 ) -> None:  # fmt: skip
     """Combine ADAPTERs into one, as PEFT's add_weighted_adapter does, without a model.
@@ -544,7 +579,11 @@ def _setup_logging() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run the command line and exit: 0 on success, 1 on a failed run, 2 on a usage error."""
+    """Run the command line and exit: 0 on success, 1 on a failed run, 2 on a usage error.
+
+    The exit status follows the error's class: click's usage errors and ``OptionError`` exit 2,
+    every other ``LorasurgeonError`` 1.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     _setup_logging()
@@ -554,6 +593,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    except api.OptionError as e:  # invalid option values or combinations: a usage error
+        if debug:
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
     except (KeyboardInterrupt, click.Abort) as e:
         signalled = e if isinstance(e, api.Interrupted) else e.__cause__  # click wraps it
         cause = f" by {signalled.signal_name}" if isinstance(signalled, api.Interrupted) else ""

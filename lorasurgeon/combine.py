@@ -17,7 +17,6 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,17 +30,18 @@ from .adapters import (
     rank_config,
     report_dict,
 )
+from .dtypes import DType
 from .engine import Computed, Output
 from .errors import AdapterError, IncompatibleError, OptionError
 from .locations import Location, Role, resolve
-from .reader import TensorFiles, TensorInfo
-from .writer import DType, OutputTensor
+from .options import CombineMethod, CombineOptions, MajoritySign, choice
+from .reader import TensorFiles, TensorInfo, check_finite_inputs
+from .writer import OutputTensor
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "CombineMethod",
     "CombinePlan",
     "CombineReport",
     "CombinedModule",
@@ -55,31 +55,6 @@ ProgressCallback = engine.ProgressCallback
 #: ``masks(module, part, source)``: the 0/1 DARE mask of one source tensor (part "lora_A",
 #: "lora_B" or "delta"), to replay another tool's random draws; None draws from ``seed``.
 MaskSource = Callable[[str, str, int], "torch.Tensor"]
-
-
-class CombineMethod(str, Enum):
-    """How ``combine`` merges the adapters (PEFT's combination types; ``svd`` selects the
-    ``_svd`` variant, and ``linear`` with ``svd`` is PEFT's ``svd``)."""
-
-    LINEAR = "linear"
-    CAT = "cat"
-    TIES = "ties"
-    DARE_LINEAR = "dare_linear"
-    DARE_TIES = "dare_ties"
-    MAGNITUDE_PRUNE = "magnitude_prune"
-
-    @property
-    def prunes(self) -> bool:
-        return self not in (CombineMethod.LINEAR, CombineMethod.CAT)
-
-    @property
-    def random(self) -> bool:
-        return self in (CombineMethod.DARE_LINEAR, CombineMethod.DARE_TIES)
-
-    def peft_name(self, svd: bool) -> str:
-        if svd:
-            return "svd" if self is CombineMethod.LINEAR else f"{self.value}_svd"
-        return self.value
 
 
 @dataclass(frozen=True)
@@ -130,7 +105,7 @@ class CombinePlan:
     svd: bool
     clamp: float | None
     density: float
-    majority_sign: str
+    majority_sign: MajoritySign
     modules: tuple[PlannedModule, ...]
     copies: tuple[TensorInfo, ...]  # stored whole, unchanged (modules_to_save, biases, tokens)
     config: dict[str, Any]
@@ -178,23 +153,13 @@ class _Options:
     rank: int | None
     clamp: float | None
     density: float
-    majority_sign: str
+    majority_sign: MajoritySign
     dtype: str | None
 
 
-def _method(value: object) -> CombineMethod:
-    try:
-        return CombineMethod(value)
-    except ValueError:
-        choices = ", ".join(m.value for m in CombineMethod)
-        raise OptionError(f"method must be one of {choices}, not {value!r}") from None
-
-
 def _options(
-    count: int, weights: Sequence[float] | None, method: str, svd: bool, rank: int | None,
-    clamp: float | None, density: float | None, majority_sign: str, dtype: str,
-) -> _Options:  # fmt: skip
-    kind = _method(method)
+    count: int, weights: Sequence[float] | None, spec: CombineOptions, dtype: str
+) -> _Options:
     if count < 1:
         raise OptionError("give at least one adapter")
     values = tuple(float(w) for w in weights) if weights else (1.0,) * count
@@ -202,25 +167,14 @@ def _options(
         raise OptionError(
             f"give one finite --weight per adapter: {count} adapters, {len(values)} weights"
         )
-    if kind is CombineMethod.CAT and svd:
-        raise OptionError(
-            "cat has no --svd variant", hint="linear --svd decomposes the same exact sum"
-        )
-    if rank is not None and (not svd or rank < 1):
-        raise OptionError(
-            "--rank R (R >= 1) sets the rank of the --svd methods only",
-            hint="use --svd, or `lorasurgeon resize` to shrink an adapter",
-        )
-    if clamp is not None and (not svd or not 0 <= clamp <= 1):
-        raise OptionError("--clamp Q needs --svd and a quantile 0 <= Q <= 1")
-    if kind.prunes and (density is None or not 0 < density <= 1):
-        raise OptionError(f"{kind.value} needs --density D with 0 < D <= 1 (the fraction kept)")
-    if not kind.prunes and density is not None:
-        raise OptionError(f"--density applies to the pruning methods, not to {kind.value}")
-    if majority_sign not in ("total", "frequency"):
-        raise OptionError(f"majority sign must be total or frequency, not {majority_sign!r}")
+    if count == 1 and (spec.method is not CombineMethod.LINEAR or spec.svd):
+        raise OptionError(  # PEFT silently uses linear for a single adapter
+            "one adapter can only be scaled by its weight (linear); --method and --svd need two "
+            "or more", hint="use `lorasurgeon resize` to change its rank",
+        )  # fmt: skip
     code = DType.code_of(dtype)
-    return _Options(kind, svd, values, rank, clamp, density or 1.0, majority_sign, code)
+    return _Options(spec.method, spec.svd, values, spec.rank, spec.clamp, spec.density or 1.0,
+                    spec.sign, code)  # fmt: skip
 
 
 def _natural_key(module: str) -> list[Any]:
@@ -280,7 +234,8 @@ def _plan_modules(adapters: Sequence[Adapter], options: _Options) -> list[Planne
         dtype = options.dtype or "F32"  # PEFT's: it computes on float32 copies
         planned.append(PlannedModule(name, tuple(sources), rank, shape, dtype))
     if not planned:
-        raise OptionError("the adapters hold no LoRA modules to combine")
+        raise AdapterError("the adapters hold no LoRA modules to combine",
+                           path=adapters[0].path)  # fmt: skip
     return planned
 
 
@@ -373,19 +328,19 @@ def plan_combine(
     rank: int | None = None,
     clamp: float | None = None,
     density: float | None = None,
-    majority_sign: str = "total",
+    majority_sign: str | None = None,
     dtype: str = "auto",
+    seed: int | None = None,
 ) -> CombinePlan:
     """Plan ``combine`` from the adapters' headers; every error visible there surfaces here.
 
     Raises:
         LocationError, AdapterError, IncompatibleError, OptionError.
     """
-    options = _options(len(adapters), weights, method, svd, rank, clamp, density,
-                       majority_sign, dtype)  # fmt: skip
-    if len(adapters) == 1:  # PEFT forces linear for a single adapter
-        options = _Options(CombineMethod.LINEAR, False, options.weights, None, None, 1.0,
-                           options.majority_sign, options.dtype)  # fmt: skip
+    sign = None if majority_sign is None else choice(MajoritySign, majority_sign, "majority sign")
+    spec = CombineOptions(choice(CombineMethod, method, "method"), svd, rank, clamp, density,
+                          sign, seed)  # fmt: skip
+    options = _options(len(adapters), weights, spec, dtype)
     locations = tuple(resolve(a, role=Role.ADAPTER) for a in adapters)
     opened: list[Adapter] = []
     try:
@@ -452,9 +407,8 @@ def _factor_wise(
 
     roots = [math.sqrt(abs(s.coefficient)) for s in m.sources]
     weights_a = [r if s.coefficient >= 0 else -r for r, s in zip(roots, m.sources, strict=True)]
-    combination = ops.Combination(plan.method.value)
-    kwargs: dict[str, Any] = {"density": plan.density,
-                              "sign_method": ops.SignMethod(plan.majority_sign)}  # fmt: skip
+    combination = plan.method
+    kwargs: dict[str, Any] = {"density": plan.density, "sign_method": plan.majority_sign}
     masks_a = _masks(plan, m, "lora_A", [f.a.shape for f in factors], masks, generator)
     masks_b = _masks(plan, m, "lora_B", [f.b.shape for f in factors], masks, generator)
     a = ops.combine_tensors([f.a for f in factors], weights_a, combination, masks=masks_a,
@@ -479,8 +433,8 @@ def _svd_factors(
         deltas = [(f.b2 @ f.a2) * s.lora.scaling for f, s in zip(factors, m.sources, strict=True)]
         shapes = [d.shape for d in deltas]
         combined = ops.combine_tensors(
-            deltas, [s.weight for s in m.sources], ops.Combination(plan.method.value),
-            density=plan.density, sign_method=ops.SignMethod(plan.majority_sign),
+            deltas, [s.weight for s in m.sources], plan.method,
+            density=plan.density, sign_method=plan.majority_sign,
             masks=_masks(plan, m, "delta", shapes, masks, generator),
         )  # fmt: skip
         del deltas
@@ -530,11 +484,13 @@ def _departure(m: PlannedModule, factors: Sequence[_Factors], a: Any, b: Any) ->
 def _load(files: TensorFiles, m: PlannedModule, device: torch.device) -> list[_Factors]:
     import torch
 
-    return [
-        _Factors(files.load(s.lora.lora_a).to(device).to(torch.float32),
-                 files.load(s.lora.lora_b).to(device).to(torch.float32))
-        for s in m.sources
-    ]  # fmt: skip
+    factors = []
+    for s in m.sources:
+        a, b = files.load(s.lora.lora_a), files.load(s.lora.lora_b)
+        check_finite_inputs([(s.lora.lora_a, a), (s.lora.lora_b, b)],
+                            hint="combining it would write NaN/inf into the result")  # fmt: skip
+        factors.append(_Factors(a.to(device).to(torch.float32), b.to(device).to(torch.float32)))
+    return factors
 
 
 def _computed(
@@ -547,7 +503,7 @@ def _computed(
     def produce(files: TensorFiles) -> Iterator[Computed]:
         import torch
 
-        from .reader import torch_dtype
+        from .dtypes import torch_dtype
 
         generator = torch.Generator(device=device).manual_seed(seed)
         for m in plan.modules:
@@ -589,8 +545,8 @@ def combine(
     rank: int | None = None,
     clamp: float | None = None,
     density: float | None = None,
-    majority_sign: str = "total",
-    seed: int = 0,
+    majority_sign: str | None = None,
+    seed: int | None = None,
     dtype: str = "auto",
     device: str = "auto",
     overwrite: bool = False,
@@ -626,7 +582,7 @@ def combine(
     started = time.monotonic()
     plan = plan_combine(
         adapters, weights=weights, method=method, svd=svd, rank=rank, clamp=clamp,
-        density=density, majority_sign=majority_sign, dtype=dtype,
+        density=density, majority_sign=majority_sign, dtype=dtype, seed=seed,
     )  # fmt: skip
     out_path = engine.check_output(out, [loc.path for loc in plan.adapters],
                                    overwrite=overwrite)  # fmt: skip
@@ -634,7 +590,7 @@ def combine(
 
     rows: list[CombinedModule] = []
     output = _output(plan, out_path)
-    engine.run(output, _computed(plan, resolve_device(device), seed, masks, rows),
+    engine.run(output, _computed(plan, resolve_device(device), seed or 0, masks, rows),
                overwrite=overwrite, progress=progress)  # fmt: skip
     params = sum(t.numel for t in output.layout.shards[0].tensors[: 2 * len(plan.modules)])
     notes = [*plan.notes, *_linear_note(plan, rows)]

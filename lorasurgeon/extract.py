@@ -13,7 +13,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,33 +26,43 @@ from .adapters import (
     lora_keys,
     report_dict,
 )
+from .dtypes import COMPUTE_DTYPES, DTYPES, DType, torch_dtype
 from .engine import Computed, Copy, Output
 from .errors import IncompatibleError, OptionError
 from .locations import Location, Role, resolve
+from .options import (
+    DEFAULT_FIXED_RANK,
+    DEFAULT_MAX_RANK,
+    RankMethod,
+    RankPolicy,
+    SvdMethod,
+    check_finite,
+    choice,
+)
 from .pipeline import BufferPool, prefetch
 from .reader import (
-    FLOAT_DTYPES,
     Checkpoint,
     TensorFiles,
     TensorInfo,
     as_tensor,
+    check_finite_inputs,
     open_checkpoint,
     read_config,
 )
 from .targets import (
     INPUT_EMBEDDING_NAMES,
+    OUTPUT_EMBEDDING_NAMES,
+    Layout,
+    LayoutRules,
     TargetRules,
-    is_conv1d_module,
 )
-from .writer import DType, OutputTensor
+from .writer import OutputTensor
 
 __all__ = ["ExtractPlan", "ExtractReport", "ModuleReport", "extract", "plan_extraction"]
 
 logger = logging.getLogger(__name__)
 
 ProgressCallback = engine.ProgressCallback
-#: Upper rank bound of the energy and budget methods when --max-rank is not given.
-DEFAULT_MAX_RANK = 128
 # Elements per block of the CPU delta computation (1 MiB of float32: stays in cache).
 _DELTA_BLOCK = 1 << 18
 # Bytes of the first modules read ahead while torch is imported.
@@ -118,15 +128,27 @@ class ExtractReport:
         return report_dict(self)
 
 
-def _layout(module: str, info: TensorInfo, model_type: str | None) -> str | None:
-    last = module.rsplit(".", 1)[-1]
+def _kind(module: str, info: TensorInfo) -> str | None:
+    """``conv``, ``embedding``, ``matrix`` (a 2-D weight: Linear or Conv1D) or None."""
     if len(info.shape) in (3, 4, 5):
         return "conv"
     if len(info.shape) != 2:
         return None
-    if last in _EMBEDDING_MODULES:
-        return "embedding"
-    return "conv1d" if is_conv1d_module(model_type, module) else "linear"
+    return "embedding" if module.rsplit(".", 1)[-1] in _EMBEDDING_MODULES else "matrix"
+
+
+def _layout(module: str, info: TensorInfo, layouts: LayoutRules, where: Path) -> str:
+    """``linear`` or ``conv1d`` for a selected 2-D weight; refused where nothing tells."""
+    layout = layouts.layout(module)
+    if layout is Layout.UNKNOWN:
+        raise IncompatibleError(
+            f"neither checkpoint has a config.json with a model_type, so whether this {info.shape} "
+            "weight is an nn.Linear (stored (out, in)) or a GPT-2 Conv1D (stored (in, out)) "
+            "cannot be known", path=where, tensor=info.name,
+            hint="state it with --fan-in-fan-out MODULES|all|none (the Conv1D modules), or give "
+            "the base as a directory holding its config.json",
+        )  # fmt: skip
+    return str(layout.value)
 
 
 def _rules(
@@ -135,6 +157,12 @@ def _rules(
     save_modules: Sequence[str], model_type: str | None,
 ) -> TargetRules:  # fmt: skip
     targets = target_modules if isinstance(target_modules, str) else tuple(target_modules)
+    if layers_pattern and not layers_to_transform:
+        raise OptionError("--layers-pattern names the layers that --layers-to-transform counts",
+                          hint="give --layers-to-transform too")  # fmt: skip
+    if layers_to_transform and isinstance(targets, str) and targets.lower() != "all-linear":
+        raise OptionError("--layers-to-transform cannot filter a regex --target-modules (as in "
+                          "PEFT)", hint="put the layer numbers in the regex")  # fmt: skip
     return TargetRules(
         target_modules=targets,
         exclude_modules=tuple(exclude_modules) if exclude_modules else None,
@@ -145,25 +173,51 @@ def _rules(
     )
 
 
-def _pair(base: Checkpoint, tuned: Checkpoint, name: str, where: Path) -> TensorInfo:
-    info = tuned.tensors.get(name)
+def _vocabulary_hint(module: str, base: TensorInfo, tuned: TensorInfo) -> str | None:
+    last = module.rsplit(".", 1)[-1]
+    embeddings = (*_EMBEDDING_MODULES, *OUTPUT_EMBEDDING_NAMES)
+    if last not in embeddings or len(base.shape) != 2 or base.shape[1:] != tuned.shape[1:]:
+        return None
+    rows = tuned.shape[0]
+    return (
+        f"the vocabulary was resized from {base.shape[0]} to {rows} tokens: store the resized "
+        f"modules whole with --save-modules (e.g. embed_tokens,lm_head), and resize the base to "
+        f"{rows} tokens (model.resize_token_embeddings({rows})) before PEFT loads the adapter; "
+        "or leave them out with --exclude-modules"
+    )
+
+
+def _mismatch(where: Path, module: str, base: TensorInfo | None,
+              tuned: TensorInfo | None) -> IncompatibleError:  # fmt: skip
+    """The error for a tensor missing from one checkpoint or with another shape there."""
+    last = module.rsplit(".", 1)[-1] or module
+    hint = f"leave its module out with --exclude-modules {last}"
+    if tuned is None or base is None:
+        name = base.name if base is not None else tuned.name if tuned is not None else module
+        side = "the base but not in the tuned" if tuned is None else "the tuned but not the base"
+        return IncompatibleError(f"is in {side} checkpoint", path=where, tensor=name, hint=hint)
+    return IncompatibleError(
+        f"shape {tuned.shape} in the tuned checkpoint, {base.shape} in the base", path=where,
+        tensor=base.name, hint=_vocabulary_hint(module, base, tuned) or hint,
+    )  # fmt: skip
+
+
+def _pair(base: Checkpoint, tuned: Checkpoint, name: str, *, resized: bool = False) -> TensorInfo:
+    """The tuned tensor of base tensor ``name``; ``resized`` allows more or fewer rows (a
+    module stored whole after a vocabulary resize)."""
+    info, mine = tuned.tensors.get(name), base.tensors[name]
+    module = name.rpartition(".")[0]
     if info is None:
-        raise IncompatibleError(
-            "is in the base but not in the tuned checkpoint", path=where, tensor=name,
-            hint="exclude it with --exclude-modules",
-        )  # fmt: skip
-    if info.shape != base.tensors[name].shape:
-        raise IncompatibleError(
-            f"shape {info.shape} in the tuned checkpoint, {base.tensors[name].shape} in the base",
-            path=where, tensor=name, hint="exclude it with --exclude-modules",
-        )  # fmt: skip
+        raise _mismatch(tuned.path, module, mine, None)
+    if info.shape != mine.shape and not (resized and _vocabulary_hint(module, mine, info)):
+        raise _mismatch(tuned.path, module, mine, info)
     return info
 
 
-def _selected(rules: TargetRules, module: str, layout: str | None, save: bool) -> bool:
-    if layout is None or save:
+def _selected(rules: TargetRules, module: str, kind: str | None, save: bool) -> bool:
+    if kind is None or save:
         return False
-    linear = layout in ("linear", "conv1d")
+    linear = kind == "matrix"
     if rules.all_linear:
         return linear and rules.selects(module)
     return rules.selects(module, linear=linear)
@@ -178,40 +232,89 @@ def plan_extraction(
     layers_to_transform: Sequence[int] | None = None,
     layers_pattern: Sequence[str] | None = None,
     save_modules: Sequence[str] = (),
+    fan_in_fan_out: Sequence[str] | str | None = None,
 ) -> ExtractPlan:
     """Select the weights to extract with PEFT's targeting rules, from headers alone.
 
+    Every tensor must be in both checkpoints with one shape, unless its module is in
+    ``exclude_modules``; modules in ``save_modules`` may have more or fewer rows (a resized
+    vocabulary). ``fan_in_fan_out`` states which 2-D weights are GPT-2 ``Conv1D`` (see
+    ``extract``).
+
     Raises:
-        LocationError, CheckpointError, IncompatibleError: a selected weight is missing from the
-            tuned checkpoint or has another shape there.
+        LocationError, CheckpointError, IncompatibleError: a tensor is missing from one
+            checkpoint or has another shape there; a 2-D weight's layout cannot be known.
+        OptionError: nothing to extract; ``fan_in_fan_out`` contradicts config.json.
     """
     base_loc = resolve(base, role=Role.CHECKPOINT)
     tuned_loc = resolve(tuned, role=Role.CHECKPOINT)
-    config = read_config(base_loc.path)
+    config = _model_config(base_loc.path, tuned_loc.path)
     model_type = config.get("model_type")
     rules = _rules(target_modules, exclude_modules, layers_to_transform, layers_pattern,
                    save_modules, model_type)  # fmt: skip
-    modules, saved, others = [], [], []
+    layouts = LayoutRules.from_config(config, fan_in_fan_out)
     with open_checkpoint(base_loc.path) as b, open_checkpoint(tuned_loc.path) as t:
-        for name, info in b.tensors.items():
-            module, _, param = name.rpartition(".")
-            save = _is_saved(module, save_modules)
-            layout = _layout(module, info, model_type) if param == "weight" else None
-            if _selected(rules, module, layout, save) and layout is not None:
-                if info.dtype not in FLOAT_DTYPES:
-                    raise IncompatibleError(f"cannot extract from a {info.dtype} tensor",
-                                            path=b.path, tensor=name)  # fmt: skip
-                modules.append(ExtractModule(module, info, _pair(b, t, name, t.path), layout))
-            elif save:
-                saved.append((info, _pair(b, t, name, t.path)))
-            elif name in t.tensors and t.tensors[name].shape == info.shape:
-                others.append((info, t.tensors[name]))
+        modules, saved, others = _plan_tensors(b, t, rules, layouts, save_modules)
+    unused = layouts.unused_names([m.module for m in modules if m.layout != "embedding"])
+    if unused:
+        raise OptionError(f"--fan-in-fan-out names {', '.join(unused)}, which matches no "
+                          "extracted 2-D weight")  # fmt: skip
     if not modules:
         raise OptionError("no weight matches the target modules", hint="check --target-modules")
+    _check_listed(b.tensors, "--save-modules", save_modules)
+    _check_listed({**t.tensors, **b.tensors}, "--exclude-modules",
+                  () if isinstance(exclude_modules, str) else exclude_modules or ())  # fmt: skip
     architectures = config.get("architectures") or []
     task = "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None
     return ExtractPlan(base_loc, tuned_loc, tuple(modules), tuple(saved), tuple(others),
                        model_type, task)  # fmt: skip
+
+
+def _model_config(base: Path, tuned: Path) -> dict[str, Any]:
+    """The base's config.json, else the tuned checkpoint's (the same architecture)."""
+    config = read_config(base)
+    return config if config.get("model_type") else read_config(tuned) or config
+
+
+def _plan_tensors(
+    b: Checkpoint, t: Checkpoint, rules: TargetRules, layouts: LayoutRules,
+    save_modules: Sequence[str],
+) -> tuple[list[ExtractModule], list[tuple[TensorInfo, TensorInfo]],
+           list[tuple[TensorInfo, TensorInfo]]]:  # fmt: skip
+    """Every base tensor: extracted, stored whole, or compared only (``others``). A tensor on
+    one side only, or with another shape, is an error unless its module is excluded."""
+    modules, saved, others = [], [], []
+    for name, info in b.tensors.items():
+        module, _, param = name.rpartition(".")
+        save = _is_saved(module, save_modules)
+        kind = _kind(module, info) if param == "weight" else None
+        if _selected(rules, module, kind, save) and kind is not None:
+            if info.dtype not in COMPUTE_DTYPES:
+                raise IncompatibleError(f"cannot extract from a {info.dtype} tensor",
+                                        path=b.path, tensor=name)  # fmt: skip
+            layout = _layout(module, info, layouts, b.path) if kind == "matrix" else kind
+            modules.append(ExtractModule(module, info, _pair(b, t, name), layout))
+        elif save:
+            saved.append((info, _pair(b, t, name, resized=True)))
+        elif name in t.tensors and t.tensors[name].shape == info.shape:
+            others.append((info, t.tensors[name]))
+        elif not rules.excludes(module):
+            raise _mismatch(t.path, module, info, t.tensors.get(name))
+    for name, info in t.tensors.items():
+        module = name.rpartition(".")[0]
+        if name not in b.tensors and not rules.excludes(module):
+            raise _mismatch(t.path, module, None, info)
+    return modules, saved, others
+
+
+def _check_listed(tensors: Mapping[str, TensorInfo], option: str, names: Sequence[str]) -> None:
+    """Refuse a listed module that names no module of the checkpoints: a typo would be a
+    no-op."""
+    modules = {name.rpartition(".")[0] for name in tensors}
+    for entry in names:
+        if not any(m == entry or m.endswith("." + entry) for m in modules):
+            raise OptionError(f"{option} {entry} matches no module of the checkpoints",
+                              hint="check the name (a module suffix such as lm_head)")  # fmt: skip
 
 
 def _is_saved(module: str, save_modules: Sequence[str]) -> bool:
@@ -220,36 +323,31 @@ def _is_saved(module: str, save_modules: Sequence[str]) -> bool:
 
 @dataclass(frozen=True)
 class _Options:
-    rank: int
+    policy: RankPolicy
     alpha: float | None
-    rank_method: str
-    energy: float | None
-    param_budget: int | None
-    min_rank: int
-    max_rank: int | None
-    svd: str
+    svd: SvdMethod
     dtype: str | None
     seed: int = 0
 
     @property
+    def rank(self) -> int:
+        """The rank of ``fixed``."""
+        return self.policy.rank or DEFAULT_FIXED_RANK
+
+    @property
     def compute_rank(self) -> int:
         """How many singular triplets to compute per module before ranks are chosen."""
-        if self.rank_method == "fixed":
-            return self.rank if self.max_rank is None else min(self.rank, self.max_rank)
-        return self.max_rank or DEFAULT_MAX_RANK
+        if self.policy.method is RankMethod.FIXED:
+            return self.rank
+        return self.policy.max_rank or DEFAULT_MAX_RANK
 
 
-def _options(
-    rank: int, alpha: float | None, rank_method: str, energy: float | None,
-    param_budget: int | None, min_rank: int, max_rank: int | None, svd: str, dtype: str,
-) -> _Options:  # fmt: skip
-    from .lowrank import check_rank_selection
-
-    check_rank_selection(rank_method, rank, energy, param_budget, min_rank, max_rank)
-    if svd not in ("exact", "randomized"):
-        raise OptionError(f"svd must be exact or randomized, not {svd!r}")
+def _options(policy: RankPolicy, alpha: float | None, svd: str, dtype: str) -> _Options:
+    check_finite("--alpha", alpha)
+    if alpha is not None and alpha <= 0:
+        raise OptionError(f"--alpha must be positive, not {alpha}")
     code = DType.code_of(dtype)
-    return _Options(rank, alpha, rank_method, energy, param_budget, min_rank, max_rank, svd, code)
+    return _Options(policy, alpha, choice(SvdMethod, svd, "svd method"), code)
 
 
 @dataclass
@@ -301,13 +399,13 @@ def _decompose(
     """Truncated SVD of every selected module's delta, streamed pair by pair."""
     import torch
 
-    from . import lowrank
+    from . import lowrank, ops
 
     total = sum(m.base.nbytes + m.tuned.nbytes for m in plan.modules)
     done, skipped, results = 0, 0, []
     stop = threading.Event()
     generator = torch.Generator(device=device).manual_seed(options.seed)
-    method = lowrank.SvdMethod(options.svd)
+    method = options.svd
     largest = max(max(m.base.nbytes, m.tuned.nbytes) for m in plan.modules)
     buffers = BufferPool(largest, 2 * 3)  # prefetch depth 2: three pairs at most
     work = torch.empty(max(m.base.numel for m in plan.modules), device=device)
@@ -330,6 +428,8 @@ def _decompose(
                 else:
                     tensors = as_tensor(m.base, b), as_tensor(m.tuned, t)
                     delta = _delta_matrix(m, *tensors, work)
+                    if not ops.all_finite(delta):
+                        _refuse_non_finite(m, tensors)
                     del tensors
                     rank = min(options.compute_rank, *delta.shape)
                     svd = lowrank.truncated_svd(delta, rank, method=method, generator=generator)
@@ -340,6 +440,15 @@ def _decompose(
             if progress is not None:
                 progress(done, total)
     return results, skipped
+
+
+def _refuse_non_finite(m: ExtractModule, tensors: tuple[Any, Any]) -> None:
+    check_finite_inputs(zip((m.base, m.tuned), tensors, strict=True),
+                 hint="extract cannot decompose it; exclude it with --exclude-modules")  # fmt: skip
+    raise IncompatibleError(
+        "tuned - base overflows float32", path=m.tuned.path, tensor=m.tuned.name,
+        hint="exclude it with --exclude-modules",
+    )  # fmt: skip
 
 
 def _read_ahead(plan: ExtractPlan) -> None:
@@ -410,13 +519,14 @@ def _config(
 
 def _squared_difference(base: TensorInfo, tuned: TensorInfo, files: TensorFiles) -> float | None:
     """||tuned - base||_F² in float64, None when the stored bytes are equal; read by chunks,
-    so that memory stays small even for embeddings."""
+    so that memory stays small even for embeddings. NaN when they differ in a dtype that torch
+    cannot decode (F4, F6_*): changed, by an unknown amount."""
     import torch
 
-    from .reader import DTYPE_SIZES, torch_dtype
-
+    if not (_measurable(base.dtype) and _measurable(tuned.dtype)):
+        return _differ_as_bytes(base, tuned, files)
     equal, energy = base.dtype == tuned.dtype, 0.0
-    sizes = DTYPE_SIZES[base.dtype], DTYPE_SIZES[tuned.dtype]
+    sizes = DTYPES[base.dtype].bits // 8, DTYPES[tuned.dtype].bits // 8
     buffers = [bytearray(min(_COMPARE_CHUNK, base.numel) * size) for size in sizes]
     for start in range(0, base.numel, _COMPARE_CHUNK):
         count = min(_COMPARE_CHUNK, base.numel - start)
@@ -432,6 +542,31 @@ def _squared_difference(base: TensorInfo, tuned: TensorInfo, files: TensorFiles)
     return None if equal else energy
 
 
+def _measurable(code: str) -> bool:
+    try:
+        torch_dtype(code)
+    except OptionError:
+        return False
+    return DTYPES[code].bits % 8 == 0
+
+
+def _differ_as_bytes(base: TensorInfo, tuned: TensorInfo, files: TensorFiles) -> float | None:
+    """None when the stored bytes are equal, NaN (an unknown difference) otherwise."""
+    if base.dtype != tuned.dtype:
+        return math.nan
+    left, right = (
+        bytearray(min(_COMPARE_CHUNK, base.nbytes)),
+        bytearray(min(_COMPARE_CHUNK, base.nbytes)),
+    )
+    for start in range(0, base.nbytes, _COMPARE_CHUNK):
+        count = min(_COMPARE_CHUNK, base.nbytes - start)
+        files.read_into(base, memoryview(left)[:count], start=start)
+        files.read_into(tuned, memoryview(right)[:count], start=start)
+        if left[:count] != right[:count]:
+            return math.nan
+    return None
+
+
 def _not_in_adapter(
     plan: ExtractPlan, files: TensorFiles, module_energy: float
 ) -> list[dict[str, Any]]:
@@ -442,21 +577,35 @@ def _not_in_adapter(
         energy = _squared_difference(b, t, files)
         if energy is not None:
             changed.append((b.name, energy))
-    saved = sum(_squared_difference(b, t, files) or 0.0 for b, t in plan.saved)
-    total = module_energy + saved + sum(e for _, e in changed)
+    saved = [_squared_difference(b, t, files) or 0.0 for b, t in plan.saved if b.shape == t.shape]
+    total = module_energy + math.fsum(e for e in (*saved, *(e for _, e in changed)) if e == e)
+    # share None: the tensor changed in a dtype whose difference cannot be measured
     rows = [
-        {"tensor": name, "share": (e / total if total else 0.0)}
-        for name, e in sorted(changed, key=lambda x: -x[1])
+        {"tensor": name, "share": None if e != e else (e / total if total else 0.0)}
+        for name, e in sorted(changed, key=lambda x: -x[1] if x[1] == x[1] else 1.0)
     ]
     return rows
+
+
+def _default_rank(policy: RankPolicy, ranks: Sequence[int]) -> int:
+    """The config's ``r``: the fixed rank, else the most common one (the fewest rank_pattern
+    entries; the smallest on a tie)."""
+    if policy.method is RankMethod.FIXED:
+        return policy.rank or DEFAULT_FIXED_RANK
+    return min(set(ranks), key=lambda r: (-ranks.count(r), r))
+
+
+def _share(share: float | None) -> str:
+    return "by an amount its dtype does not let us measure" if share is None else (
+        f"{share:.2%} of the update")  # fmt: skip
 
 
 def _output(
     out: Path, plan: ExtractPlan, tensors: list[tuple[str, Any]], config: dict[str, Any]
 ) -> Output:
-    from .reader import dtype_code
+    from .dtypes import code_of
 
-    planned = [OutputTensor(k, dtype_code(v.dtype), tuple(v.shape)) for k, v in tensors]
+    planned = [OutputTensor(k, code_of(v.dtype), tuple(v.shape)) for k, v in tensors]
     copies = [Copy(KEY_PREFIX + t.name, t) for _, t in plan.saved]
     return adapter_output(out, planned, copies, config)
 
@@ -466,7 +615,7 @@ def extract(
     tuned: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
-    rank: int = 16,
+    rank: int | None = None,
     alpha: float | None = None,
     target_modules: Sequence[str] | str = "all-linear",
     exclude_modules: Sequence[str] | None = None,
@@ -480,6 +629,7 @@ def extract(
     svd: str = "randomized",
     save_modules: Sequence[str] = (),
     dtype: str = "auto",
+    fan_in_fan_out: Sequence[str] | str | None = None,
     device: str = "auto",
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
@@ -503,32 +653,41 @@ def extract(
             where they remove the most squared error).
         min_rank, max_rank: bounds of every rank (max defaults to 128 for energy/budget).
         svd: ``randomized`` (default) or ``exact``.
-        save_modules: modules stored whole (e.g. ``["embed_tokens", "lm_head"]``).
+        exclude_modules: modules never extracted; their tensors may also be missing from one
+            checkpoint or differ in shape (any other such tensor is an error).
+        save_modules: modules stored whole (e.g. ``["embed_tokens", "lm_head"]``); after a
+            vocabulary resize they keep the tuned rows (the base must be resized to load them).
         dtype: factor dtype; ``auto`` is each weight's dtype in the base.
+        fan_in_fan_out: which 2-D weights are GPT-2 ``Conv1D`` (stored (in, out)): ``"all"``,
+            ``"none"``, or module names (the others are ``nn.Linear``). Needed only when
+            neither checkpoint has a config.json; a contradiction with it is an error.
 
     Raises:
         LocationError, CheckpointError, IncompatibleError, OptionError, OutputError.
     """
     started = time.monotonic()
-    options = _options(rank, alpha, rank_method, energy, param_budget, min_rank, max_rank,
-                       svd, dtype)  # fmt: skip
+    policy = RankPolicy(choice(RankMethod, rank_method, "rank method"), rank, energy,
+                        param_budget, min_rank, max_rank)  # fmt: skip
+    options = _options(policy, alpha, svd, dtype)
     plan = plan_extraction(
         base, tuned, target_modules=target_modules, exclude_modules=exclude_modules,
         layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
-        save_modules=save_modules,
+        save_modules=save_modules, fan_in_fan_out=fan_in_fan_out,
     )  # fmt: skip
     out_path = engine.check_output(out, [plan.base.path, plan.tuned.path], overwrite=overwrite)
     _read_ahead(plan)  # the disk starts on the first modules while torch is imported
     from . import lowrank, ops
-    from .reader import torch_dtype
 
     results, skipped = _decompose(plan, options, ops.resolve_device(device), progress)
     if not results:
-        raise OptionError("the selected weights are equal in both checkpoints; nothing to extract")
+        raise IncompatibleError(  # the inputs, not the options, are at fault: exit 1
+            "the selected weights are equal in both checkpoints; nothing to extract",
+            path=plan.tuned.path, hint="is TUNED a fine-tune of BASE?",
+        )  # fmt: skip
     ranks = lowrank.select_ranks(
         [r.svd for r in results], [r.module.matrix_shape for r in results],
-        method=lowrank.RankMethod(options.rank_method), rank=options.rank, energy=options.energy,
-        param_budget=options.param_budget, min_rank=options.min_rank, max_rank=options.max_rank,
+        method=policy.method, rank=options.rank, energy=policy.energy,
+        param_budget=policy.param_budget, min_rank=policy.min_rank, max_rank=policy.max_rank,
     )  # fmt: skip
     tensors, modules, alphas = [], [], []
     for r, k in zip(results, ranks, strict=True):
@@ -539,20 +698,24 @@ def extract(
         tensors += [(key_a, a), (key_b, b)]
         modules.append(report)
         alphas.append(a_value)
-    default_alpha = float(options.alpha) if options.alpha is not None else float(options.rank)
+    default_rank = _default_rank(policy, ranks)
+    default_alpha = float(options.alpha) if options.alpha is not None else float(default_rank)
     names = [r.module.module for r in results]
     saved_names = sorted({t.name.rpartition(".")[0] for _, t in plan.saved})
-    config = _config(plan, names, ranks, alphas, options.rank, default_alpha, saved_names)
+    config = _config(plan, names, ranks, alphas, default_rank, default_alpha, saved_names)
     with TensorFiles() as files:
         others = _not_in_adapter(plan, files, sum(r.svd.total_energy for r in results))
     engine.run(_output(out_path, plan, tensors, config),
                lambda _: (Computed(k, v) for k, v in tensors), overwrite=overwrite)  # fmt: skip
     total_params = sum(int(t.numel()) for _, t in tensors)
-    notes = [f"{row['tensor']} differs ({row['share']:.2%} of the update) but is not in the "
-             "adapter" for row in others if row["share"] >= 0.01]  # fmt: skip
+    notes = [f"{row['tensor']} differs ({_share(row['share'])}) but is not in the adapter"
+             for row in others if row["share"] is None or row["share"] >= 0.01]  # fmt: skip
+    notes += [f"{t.name} is stored whole with {t.shape[0]} rows (the base has {b.shape[0]}): "
+              f"resize the base to {t.shape[0]} tokens before loading the adapter"
+              for b, t in plan.saved if b.shape != t.shape]  # fmt: skip
     for note in notes:
         logger.warning(note)
     return ExtractReport(
-        out_path, modules, total_params, saved_names, others, skipped, options.svd,
-        options.rank_method, time.monotonic() - started, notes,
+        out_path, modules, total_params, saved_names, others, skipped, options.svd.value,
+        policy.method.value, time.monotonic() - started, notes,
     )  # fmt: skip

@@ -61,13 +61,33 @@ def resolve(location: str | os.PathLike[str], *, role: Role = Role.ANY) -> Locat
     text = os.fspath(location)
     path = Path(text).expanduser()
     if path.exists():
+        _check_kind(path, role)
         return Location(text, path)
     match = _REPO_ID.match(text)
-    if match is None or text.startswith((".", "/", "~")):
+    if match is None or _looks_local(text, path):
         raise LocationError("no such file or directory", path=text)
     repo, revision = match.group("repo"), match.group("rev")
     snapshot = _fetch(repo, revision, role)
     return Location(text, snapshot, repo, revision)
+
+
+def _looks_local(text: str, path: Path) -> bool:
+    """Whether a missing location was meant as a local path: it starts with ./, ../, / or ~,
+    uses the OS's own separator, or its first component or parent directory exists here."""
+    if text.startswith((".", "/", "~")) or (os.sep != "/" and os.sep in text):
+        return True
+    first = Path(text).parts[0] if Path(text).parts else ""
+    return bool(first) and (Path(first).exists() or path.parent.exists())
+
+
+def _check_kind(path: Path, role: Role) -> None:
+    """Refuse a PEFT adapter directory where a model checkpoint is expected."""
+    if role is Role.CHECKPOINT and (path / "adapter_config.json").is_file():
+        raise LocationError(
+            "is a PEFT adapter directory, not a model checkpoint", path=path,
+            hint="give a model checkpoint here; adapters are the ADAPTER arguments of merge, "
+            "combine and resize",
+        )  # fmt: skip
 
 
 def _fetch(repo: str, revision: str | None, role: Role) -> Path:

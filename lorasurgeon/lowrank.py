@@ -12,19 +12,19 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 from functools import cached_property
-from typing import TypeVar
 
 import torch
 
 from .errors import OptionError
+from .ops import all_finite
+from .options import RankMethod, SvdMethod
+from .options import choice as _choice
 
 __all__ = [
     "RankMethod",
     "SvdMethod",
     "TruncatedSVD",
-    "check_rank_selection",
     "clamp_factors",
     "product_svd",
     "relative_distance",
@@ -40,32 +40,8 @@ _SVD_SEED = 0
 # and less accurate. The one place to change it.
 _CUDA_SVD_DRIVER: str | None = None
 
-_E = TypeVar("_E", bound=Enum)
 # Rows of a matrix are converted to float64 in blocks of about this many elements (8 MiB).
 _BLOCK_ELEMENTS = 1 << 20
-
-
-class SvdMethod(str, Enum):
-    """How ``truncated_svd`` finds the leading singular vectors."""
-
-    EXACT = "exact"
-    RANDOMIZED = "randomized"
-
-
-class RankMethod(str, Enum):
-    """How ``select_ranks`` picks the rank of each module."""
-
-    FIXED = "fixed"
-    ENERGY = "energy"
-    BUDGET = "budget"
-
-
-def _choice(kind: type[_E], value: object, what: str) -> _E:
-    try:
-        return kind(value)
-    except ValueError:
-        choices = ", ".join(str(c.value) for c in kind)
-        raise OptionError(f"{what} must be one of {choices}, not {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -270,7 +246,7 @@ def truncated_svd(
     method = _choice(SvdMethod, method, "svd method")
     _check_svd_args(delta, rank, oversample, iterations)
     a = delta if delta.dtype in (torch.float32, torch.float64) else delta.to(torch.float32)
-    if not bool(torch.isfinite(a.sum())):  # one cheap pass; NaN and inf both propagate
+    if not all_finite(a):
         raise OptionError("delta holds inf or NaN values", hint="check the tuned checkpoint")
     k = min(rank, *a.shape)
     if method is SvdMethod.EXACT or k + oversample >= min(a.shape):
@@ -438,28 +414,6 @@ def _budget_ranks(
             ranks[i] += 1
             offer(i)
     return ranks
-
-
-def check_rank_selection(
-    method: str, rank: int | None, energy: float | None, param_budget: int | None,
-    min_rank: int, max_rank: int | None,
-) -> RankMethod:  # fmt: skip
-    """Validate the rank-selection options of a command before any work (messages name the
-    command-line flags; the API's keywords have the same names).
-
-    Raises:
-        OptionError: an unknown method, ranks < 1 or min > max, energy or budget missing or
-            out of range for their method.
-    """
-    kind = _choice(RankMethod, method, "rank method")
-    if (rank is not None and rank < 1) or min_rank < 1 or (max_rank is not None
-                                                           and max_rank < min_rank):  # fmt: skip
-        raise OptionError("ranks must be >= 1 and --min-rank <= --max-rank")
-    if kind is RankMethod.ENERGY and (energy is None or not 0 < energy <= 1):
-        raise OptionError("--rank-method energy needs --energy F with 0 < F <= 1")
-    if kind is RankMethod.BUDGET and (param_budget is None or param_budget < 1):
-        raise OptionError("--rank-method budget needs --param-budget N (total LoRA parameters)")
-    return kind
 
 
 def _check_rank_options(

@@ -13,25 +13,24 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 from . import engine
 from .adapters import Adapter, LoraModule, open_adapter
+from .dtypes import COMPUTE_DTYPES, DTYPES, DType
 from .errors import AdapterError, IncompatibleError, OptionError
 from .locations import Location, Role, resolve
+from .options import check_finite
+from .plans import STARTING_KINDS, Change, ChangeKind, MergePlan, TensorPlan
 from .reader import (
-    FLOAT_DTYPES,
     Checkpoint,
     TensorInfo,
     open_checkpoint,
     read_config,
     side_files,
 )
-from .targets import INPUT_EMBEDDING_NAMES, OUTPUT_EMBEDDING_NAMES, is_conv1d_module
+from .targets import INPUT_EMBEDDING_NAMES, OUTPUT_EMBEDDING_NAMES, Layout, LayoutRules
 from .writer import (
-    DType,
-    OutputLayout,
     OutputTensor,
     parse_size,
     plan_layout,
@@ -45,96 +44,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ProgressCallback = engine.ProgressCallback
-
-
-class ChangeKind(str, Enum):
-    """What an adapter does to one output tensor."""
-
-    LORA = "lora"  # + scaling · B @ A
-    DORA = "dora"  # DoRA: magnitude / norm · (W + delta)
-    LORA_BIAS = "lora_bias"  # bias + scaling · lora_B.bias
-    REPLACE = "replace"  # saved whole by the adapter (modules_to_save, trained biases)
-    COPY = "copy"  # PEFT's copy of a LoRA-targeted embedding's base weight
-    ROWS = "rows"  # trainable token rows replace base rows
-    EXPERTS = "experts"  # target_parameters on a stack of experts: + scaling · B_e @ A_e each
-    TRUNCATE = "truncate"  # KaSA: the base loses its r smallest singular components first
-
-    def __str__(self) -> str:
-        return self.value
-
-
-_STARTS = (ChangeKind.REPLACE, ChangeKind.COPY)
-
-
-@dataclass(frozen=True)
-class Change:
-    """One adapter's contribution to one output tensor. ``scaling`` already includes the
-    adapter's weight and, for unmerge, the sign."""
-
-    adapter: int
-    kind: ChangeKind
-    module: str
-    source: TensorInfo | None = None
-    lora: LoraModule | None = None
-    transposed: bool = False
-    scaling: float = 1.0
-    indices: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class TensorPlan:
-    """How one output tensor is made from ``base``: ``changes`` in order, the first of which
-    may be a whole-tensor replacement (kind ``replace`` or ``copy``) that the rest start from."""
-
-    name: str
-    base: TensorInfo
-    dtype: str
-    changes: tuple[Change, ...] = ()
-
-    @property
-    def start(self) -> TensorInfo:
-        """The tensor the deltas are added to: a replacement, or the base tensor."""
-        first = self.changes[0] if self.changes else None
-        if first is not None and first.kind in _STARTS and first.source is not None:
-            return first.source
-        return self.base
-
-    @property
-    def deltas(self) -> tuple[Change, ...]:
-        return tuple(c for c in self.changes if c.kind not in _STARTS)
-
-    @property
-    def copied(self) -> bool:
-        """True when the stored bytes pass through unchanged (from the base or an adapter)."""
-        return not self.deltas and self.dtype == self.start.dtype
-
-
-@dataclass(frozen=True)
-class MergePlan:
-    """The whole merge, worked out from headers: every output tensor and the output layout."""
-
-    base: Location
-    adapters: tuple[Location, ...]
-    weights: tuple[float, ...]
-    unmerge: bool
-    tensors: tuple[TensorPlan, ...]
-    layout: OutputLayout
-    output_is_file: bool
-    side_files: tuple[tuple[str, Path], ...] = ()
-    config_text: str | None = None
-    notes: tuple[str, ...] = ()
-
-    @property
-    def changes(self) -> dict[str, list[str]]:
-        """Base tensor name -> what changes it, e.g. ``["lora from my-adapter/"]``."""
-        described: dict[str, list[str]] = {}
-        for t in self.tensors:
-            items = [f"{c.kind} from {self.adapters[c.adapter]}" for c in t.changes]
-            if t.dtype != t.base.dtype:
-                items.append(f"{t.base.dtype} -> {t.dtype}")
-            if items:
-                described[t.name] = items
-        return described
 
 
 @dataclass(frozen=True)
@@ -156,6 +65,7 @@ class _Base:
 
     checkpoint: Checkpoint
     model_type: str | None
+    layouts: LayoutRules = field(default_factory=LayoutRules)
     tensors: Mapping[str, TensorInfo] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -204,11 +114,8 @@ def _lora_change(
                 tensor=lm.lora_a.name,
             )
         expected, transposed = [(b[0], *a[1:])], False
-    elif is_conv1d_module(base.model_type, lm.module):
-        expected, transposed = [(a[1], b[0])], True
     else:
-        expected = [(b[0], a[1]), (a[1], b[0])]  # nn.Linear, else an unknown Conv1D model
-        transposed = w.shape == expected[1] and w.shape != expected[0]
+        expected, transposed = _matrix_shapes(adapter, lm, base, w)
     if w.shape not in expected or any(d != 1 for d in b[2:]):
         raise IncompatibleError(
             f"delta shape {expected[0]} does not fit base tensor {w.name} {w.shape}",
@@ -285,6 +192,31 @@ def _parameter_change(
     return info.name, Change(
         index, kind, lm.module, lora=lm, transposed=transposed, scaling=scaling
     )
+
+
+def _matrix_shapes(
+    adapter: Adapter, lm: LoraModule, base: _Base, w: TensorInfo
+) -> tuple[list[tuple[int, ...]], bool]:
+    """The base shapes a 2-D LoRA fits, and whether the delta is transposed: nn.Linear stores
+    (out, in), GPT-2 ``Conv1D`` (in, out) (fan_in_fan_out). Without a known layout only a
+    non-square shape tells them apart; a square one is refused, never guessed."""
+    a, b = lm.a_shape, lm.b_shape
+    linear, conv1d = (b[0], a[1]), (a[1], b[0])
+    layout = base.layouts.layout(lm.module)
+    if layout is Layout.CONV1D:
+        return [conv1d], True
+    if layout is Layout.LINEAR or w.shape != conv1d:
+        return [linear], False
+    if w.shape == linear:  # square, and nothing says which
+        raise IncompatibleError(
+            f"base tensor {w.name} is square {w.shape}, so whether it is an nn.Linear (stored "
+            "(out, in)) or a GPT-2 Conv1D (stored (in, out), transposed) cannot be told from "
+            "shapes, and the base has no config.json with a model_type",
+            path=adapter.checkpoint.path, tensor=lm.lora_b.name,
+            hint="state it with --fan-in-fan-out MODULES|all|none (the Conv1D modules), or "
+            "give the base as a directory holding its config.json",
+        )  # fmt: skip
+    return [conv1d], True
 
 
 def _bias_change(
@@ -396,7 +328,7 @@ def _adapter_changes(
 
 def _order(changes: list[Change], where: Path, name: str) -> tuple[Change, ...]:
     """Order one tensor's changes: the replacement it starts from, deltas, then token rows."""
-    starts = [c for c in changes if c.kind in _STARTS]
+    starts = [c for c in changes if c.kind in STARTING_KINDS]
     if sum(c.kind is ChangeKind.REPLACE for c in starts) > 1:
         raise AdapterError(
             "saved whole by more than one adapter; merge them one at a time",
@@ -412,18 +344,18 @@ def _order(changes: list[Change], where: Path, name: str) -> tuple[Change, ...]:
         if seen & set(c.indices):
             raise AdapterError("two adapters replace the same token rows", path=where, tensor=name)
         seen |= set(c.indices)
-    deltas = [c for c in changes if c.kind not in _STARTS and c.kind is not ChangeKind.ROWS]
+    deltas = [c for c in changes if c.kind not in STARTING_KINDS and c.kind is not ChangeKind.ROWS]
     return tuple(starts[:1] + deltas + rows)
 
 
 def _output_dtype(info: TensorInfo, dtype: str | None, changed: bool, where: Path) -> str:
-    if changed and info.dtype not in FLOAT_DTYPES:
+    if changed and info.dtype not in COMPUTE_DTYPES:
         raise IncompatibleError(
             f"cannot merge into a {info.dtype} tensor (quantized base?)",
             path=where,
             tensor=info.name,
         )
-    return dtype if dtype is not None and info.dtype in FLOAT_DTYPES else info.dtype
+    return dtype if dtype is not None and info.dtype in COMPUTE_DTYPES else info.dtype
 
 
 def _plan_tensors(
@@ -448,7 +380,7 @@ def _plan_tensors(
     where = base.checkpoint.path
     for info in base.tensors.values():
         changes = _order(per_tensor.get(info.name, []), where, info.name)
-        has_deltas = any(c.kind not in _STARTS for c in changes)
+        has_deltas = any(c.kind not in STARTING_KINDS for c in changes)
         out_dtype = _output_dtype(info, dtype, has_deltas, where)
         plans.append(TensorPlan(info.name, info, out_dtype, changes))
     return tuple(plans)
@@ -459,7 +391,7 @@ def _config_text(base: Location, dtype: str | None) -> str | None:
     config = read_config(base.path)
     if dtype is None or not config:
         return None
-    name = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
+    name = DTYPES[dtype].torch_name
     for key in ("torch_dtype", "dtype"):
         if key in config:
             config[key] = name
@@ -475,6 +407,8 @@ def _normalize(
         weights = [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise OptionError(f"{len(weights)} weights given for {len(adapters)} adapters")
+    for w in weights:
+        check_finite("--weight", w)
     code = DType.code_of(dtype)
     return tuple(float(w) for w in weights), code
 
@@ -488,12 +422,14 @@ def plan_merge(
     unmerge: bool = False,
     dtype: str = "auto",
     max_shard_size: int | str | None = None,
+    fan_in_fan_out: Sequence[str] | str | None = None,
 ) -> MergePlan:
     """Work out a merge from headers alone; nothing is computed or written.
 
     Every error visible in metadata surfaces here: adapters that don't fit the base, unsupported
     adapter kinds, what cannot be unmerged. ``plan.changes`` says which base tensors change and
-    by which adapter (what ``--dry-run`` prints).
+    by which adapter (what ``--dry-run`` prints). ``fan_in_fan_out`` states which 2-D modules
+    are GPT-2 ``Conv1D`` (see ``merge``).
 
     Raises:
         LocationError, CheckpointError, AdapterError, IncompatibleError, OptionError.
@@ -505,14 +441,17 @@ def plan_merge(
     output_is_file = base_loc.path.is_file()
     if output_is_file and shard_limit is not None:
         raise OptionError("--max-shard-size needs a base directory (the output is one file)")
-    model_type = read_config(base_loc.path).get("model_type")
+    config = read_config(base_loc.path)
+    model_type = config.get("model_type")
+    layouts = LayoutRules.from_config(config, fan_in_fan_out)
     with open_checkpoint(base_loc.path) as checkpoint:
         opened: list[Adapter] = []
         try:
             for loc in adapter_locs:
                 opened.append(open_adapter(loc.path, model_type=model_type))
+            _check_stated(layouts, checkpoint)
             tensors = _plan_tensors(
-                _Base(checkpoint, model_type), opened, weights_t, unmerge, dtype_code
+                _Base(checkpoint, model_type, layouts), opened, weights_t, unmerge, dtype_code
             )
             notes = _notes(opened, adapter_locs)
         finally:
@@ -528,6 +467,19 @@ def plan_merge(
         base_loc, adapter_locs, weights_t, unmerge, tensors, layout, output_is_file,
         tuple(files), _config_text(base_loc, dtype_code), notes,
     )  # fmt: skip
+
+
+def _check_stated(layouts: LayoutRules, checkpoint: Checkpoint) -> None:
+    """Names in --fan-in-fan-out must each match a 2-D weight of the base (a typo would
+    otherwise leave a Conv1D module taken for a Linear one)."""
+    modules = [name.removesuffix(".weight") for name, info in checkpoint.tensors.items()
+               if name.endswith(".weight") and len(info.shape) == 2]  # fmt: skip
+    unused = layouts.unused_names(modules)
+    if unused:
+        raise OptionError(
+            f"--fan-in-fan-out names {', '.join(unused)}, which matches no 2-D weight of the "
+            "base", hint="name the base's Conv1D modules",
+        )  # fmt: skip
 
 
 def _shard_limit(max_shard_size: int | str | None) -> int | None:
@@ -546,6 +498,11 @@ def _notes(adapters: Sequence[Adapter], locations: Sequence[Location]) -> tuple[
             notes.append(
                 f"{loc}: {len(adapter.ignored)} module(s) with LoRA tensors are not selected by "
                 f"its adapter_config.json and are ignored, as PEFT does (e.g. {adapter.ignored[0]})"
+            )
+        if adapter.unloaded:
+            notes.append(
+                f"{loc}: {len(adapter.unloaded)} stored tensor(s) name no parameter once PEFT "
+                f"wraps the model and are ignored, as PEFT does (e.g. {adapter.unloaded[0]})"
             )
         if not adapter.modules and not adapter.replacements and not adapter.token_rows:
             notes.append(f"{loc}: the adapter changes nothing")
@@ -573,6 +530,7 @@ def merge(
     unmerge: bool = False,
     dtype: str = "auto",
     max_shard_size: int | str | None = None,
+    fan_in_fan_out: Sequence[str] | str | None = None,
     overwrite: bool = False,
     device: str = "auto",
     progress: ProgressCallback | None = None,
@@ -595,6 +553,10 @@ def merge(
         dtype: ``auto`` keeps each tensor's dtype; ``float32``/``float16``/``bfloat16`` converts
             every floating-point tensor.
         max_shard_size: re-shard the output (bytes, or text like ``"5GB"``).
+        fan_in_fan_out: which 2-D modules are GPT-2 ``Conv1D`` (stored (in, out)): ``"all"``,
+            ``"none"``, or module names (PEFT's suffix rule; the others are ``nn.Linear``).
+            Needed only where the base has no config.json and a weight is square; a
+            config.json's ``model_type`` decides otherwise, and a contradiction is an error.
         overwrite: replace an existing ``out`` (the old one is removed only after success).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         progress: called with (bytes done, bytes total) as the output is written.
@@ -605,7 +567,7 @@ def merge(
     started = time.monotonic()
     plan = plan_merge(
         base, adapters, out, weights=weights, unmerge=unmerge, dtype=dtype,
-        max_shard_size=max_shard_size,
+        max_shard_size=max_shard_size, fan_in_fan_out=fan_in_fan_out,
     )  # fmt: skip
     inputs = [plan.base.path, *(a.path for a in plan.adapters)]
     out_path = engine.check_output(out, inputs, overwrite=overwrite)

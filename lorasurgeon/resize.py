@@ -30,11 +30,13 @@ from .adapters import (
     rank_config,
     report_dict,
 )
+from .dtypes import DType
 from .engine import Computed
 from .errors import AdapterError, OptionError
 from .locations import Role, resolve
-from .reader import TensorFiles
-from .writer import DType, OutputTensor
+from .options import RankMethod, RankPolicy, choice
+from .reader import TensorFiles, check_finite_inputs
+from .writer import OutputTensor
 
 if TYPE_CHECKING:
     import torch
@@ -77,8 +79,10 @@ def _decompose(
 
     from .lowrank import product_svd
 
-    a = files.load(lora.lora_a).to(device).to(torch.float64)
-    b = files.load(lora.lora_b).to(device).to(torch.float64)
+    a, b = files.load(lora.lora_a), files.load(lora.lora_b)
+    check_finite_inputs([(lora.lora_a, a), (lora.lora_b, b)],
+                        hint="resizing cannot decompose it")  # fmt: skip
+    a, b = a.to(device).to(torch.float64), b.to(device).to(torch.float64)
     return product_svd(b.reshape(b.shape[0], -1) * lora.scaling, a.reshape(a.shape[0], -1), rank)
 
 
@@ -125,8 +129,8 @@ def _computed(
     steps to ``progress`` (the second half of resize's 2 steps per module)."""
 
     def produce(files: TensorFiles) -> Iterator[Computed]:
+        from .dtypes import torch_dtype
         from .lowrank import stored_rel_error
-        from .reader import torch_dtype
 
         count = len(ranks)
         for i, (lora, k) in enumerate(zip(adapter.modules.values(), ranks, strict=True)):
@@ -190,9 +194,10 @@ def resize(
     from .ops import resolve_device
 
     started = time.monotonic()
-    method = lowrank.check_rank_selection(rank_method, rank, energy, param_budget, min_rank,
-                                          max_rank)  # fmt: skip
-    if method is lowrank.RankMethod.FIXED and rank is None:
+    policy = RankPolicy(choice(RankMethod, rank_method, "rank method"), rank, energy,
+                        param_budget, min_rank, max_rank)  # fmt: skip
+    method = policy.method
+    if method is RankMethod.FIXED and rank is None:
         raise OptionError("give --rank R", hint="or --rank-method energy/budget")
     code = DType.code_of(dtype)
     location = resolve(adapter, role=Role.ADAPTER)

@@ -13,10 +13,12 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .dtypes import tensor_nbytes
 from .engine import Computed
-from .merge import Change, ChangeKind, MergePlan, TensorPlan
+from .errors import IncompatibleError
 from .pipeline import BufferPool, Readahead, prefetch
-from .reader import DTYPE_SIZES, TensorFiles, TensorInfo, as_tensor
+from .plans import Change, ChangeKind, MergePlan, TensorPlan
+from .reader import TensorFiles, TensorInfo, as_tensor, check_finite_inputs
 
 __all__ = ["computed_tensors"]
 
@@ -108,7 +110,20 @@ def _compute(t: TensorPlan, inputs: _Loaded, device: Any, out: bytearray) -> mem
     start = as_tensor(t.start, inputs.start).to(device)
     result = as_tensor(t.base, out, t.dtype)
     ops.apply_updates(start, _updates(t, loaded, device), result.dtype, out=result)
+    if not ops.all_finite(result):
+        _refuse_non_finite(t, start, loaded)
     return memoryview(out)[: _out_bytes(t)]
+
+
+def _refuse_non_finite(t: TensorPlan, start: Any, loaded: Mapping[TensorInfo, Any]) -> None:
+    """Name the input that made ``t`` NaN or infinite, or else say that the result overflows."""
+    check_finite_inputs([(t.start, start), *loaded.items()],
+                 hint="merging it would write NaN/inf into " + t.name)  # fmt: skip
+    what = "the merged value overflows" if t.deltas else "its values overflow"
+    raise IncompatibleError(
+        f"{what} {t.dtype} (inf)", path=t.start.path, tensor=t.name,
+        hint=("check the --weight values, or " if t.deltas else "") + "write a wider --dtype",
+    )  # fmt: skip
 
 
 def computed_tensors(plan: MergePlan, device: str) -> Callable[[TensorFiles], Iterator[Computed]]:
@@ -161,4 +176,4 @@ def _release(data: memoryview, pool: BufferPool, buffer: bytearray) -> None:
 
 
 def _out_bytes(t: TensorPlan) -> int:
-    return t.base.numel * DTYPE_SIZES[t.dtype]
+    return tensor_nbytes(t.dtype, t.base.numel) or 0

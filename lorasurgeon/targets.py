@@ -10,12 +10,18 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from .errors import OptionError
 
 __all__ = [
     "CONV1D_MODEL_TYPES",
     "DEFAULT_TARGET_MODULES",
     "INPUT_EMBEDDING_NAMES",
     "OUTPUT_EMBEDDING_NAMES",
+    "Layout",
+    "LayoutRules",
     "TargetRules",
     "is_conv1d_module",
     "layer_index",
@@ -53,6 +59,100 @@ def is_conv1d_module(model_type: str | None, module: str) -> bool:
     if model_type == "clvp":
         return last in _CLVP_CONV1D_NAMES and ".mlp." in f".{module}."
     return model_type in CONV1D_MODEL_TYPES and last in _CONV1D_NAMES
+
+
+class Layout(str, Enum):
+    """How a 2-D weight that LoRA targets is stored."""
+
+    LINEAR = "linear"  # nn.Linear: (out, in)
+    CONV1D = "conv1d"  # transformers Conv1D (GPT-2 family, fan_in_fan_out): (in, out)
+    UNKNOWN = "unknown"  # no config.json and nothing stated: only a non-square shape can tell
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class LayoutRules:
+    """What is known about the storage layout of a checkpoint's 2-D weights.
+
+    ``model_type`` comes from the checkpoint's ``config.json``; ``known`` says that a config
+    was found that fixes every layout (a transformers ``model_type``, or a diffusers config,
+    which never uses ``Conv1D``). ``stated`` is what the user said (``--fan-in-fan-out``):
+    ``"all"``, ``"none"``, or the modules that are ``Conv1D`` (PEFT's suffix rule), all others
+    being ``nn.Linear``. A stated layout that contradicts a known one is an error.
+    """
+
+    model_type: str | None = None
+    known: bool = False
+    stated: tuple[str, ...] | str | None = None
+
+    @classmethod
+    def from_config(
+        cls, config: Mapping[str, Any], stated: Sequence[str] | str | None = None
+    ) -> LayoutRules:
+        """Rules from a checkpoint's config.json (empty when there is none) and the user's
+        statement.
+
+        Raises:
+            OptionError: ``stated`` is empty or names an empty module.
+        """
+        model_type = config.get("model_type")
+        known = isinstance(model_type, str) or "_diffusers_version" in config
+        return cls(model_type if isinstance(model_type, str) else None, known,
+                   _stated(stated))  # fmt: skip
+
+    def _stated_layout(self, module: str) -> Layout | None:
+        if self.stated is None:
+            return None
+        if isinstance(self.stated, str):
+            return Layout.CONV1D if self.stated == "all" else Layout.LINEAR
+        return Layout.CONV1D if _listed(module, self.stated) else Layout.LINEAR
+
+    def _known_layout(self, module: str) -> Layout:
+        if not self.known:
+            return Layout.UNKNOWN
+        conv1d = is_conv1d_module(self.model_type, module)
+        return Layout.CONV1D if conv1d else Layout.LINEAR
+
+    def layout(self, module: str) -> Layout:
+        """The layout of the 2-D weight of ``module`` (not an embedding or a convolution).
+
+        Raises:
+            OptionError: the stated layout contradicts the one config.json implies.
+        """
+        known, stated = self._known_layout(module), self._stated_layout(module)
+        if stated is None:
+            return known
+        if known is not Layout.UNKNOWN and stated is not known:
+            raise OptionError(
+                f"--fan-in-fan-out makes it {stated}, but the base's config.json (model_type "
+                f"{self.model_type}) makes it {known}", tensor=module,
+                hint="drop --fan-in-fan-out, or correct it",
+            )  # fmt: skip
+        return stated
+
+    def unused_names(self, modules: Sequence[str]) -> list[str]:
+        """The module names of ``stated`` that match none of ``modules``."""
+        if self.stated is None or isinstance(self.stated, str):
+            return []
+        return [s for s in self.stated if not any(_listed(m, (s,)) for m in modules)]
+
+
+def _stated(value: Sequence[str] | str | None) -> tuple[str, ...] | str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.lower() in ("all", "none"):
+            return value.lower()
+        value = value.split(",")
+    names = tuple(str(v).strip() for v in value)
+    if not names or not all(names):
+        raise OptionError(
+            "--fan-in-fan-out needs all, none, or comma-separated module names",
+            hint="e.g. --fan-in-fan-out c_attn,c_proj,c_fc",
+        )
+    return names
 
 
 def layer_index(module: str, layers_pattern: Sequence[str] | None) -> int | None:
@@ -124,6 +224,13 @@ class TargetRules:
             return True
         return any(re.match(r"(^|.*\.)" + m + r"($|\..*)", module) for m in self.modules_to_save)
 
+    def excludes(self, module: str) -> bool:
+        """Whether ``exclude_modules`` names ``module`` (PEFT's exclusion rule)."""
+        excl = self.exclude_modules
+        if isinstance(excl, str):
+            return re.fullmatch(excl, module) is not None
+        return bool(excl) and _listed(module, excl or ())
+
     def _in_layers(self, module: str) -> bool:
         if not self.layers_to_transform:
             return True
@@ -136,8 +243,10 @@ class TargetRules:
             return False
         targets = self._targets()
         if self.all_linear:
+            # PEFT refuses layers_to_transform with a string target_modules; lorasurgeon applies
+            # it to all-linear, whose meaning (every linear module) has layers to filter
             last = module.rsplit(".", 1)[-1]
-            if not linear or last in OUTPUT_EMBEDDING_NAMES:
+            if not linear or last in OUTPUT_EMBEDDING_NAMES or not self._in_layers(module):
                 return False
             return not (self.seq_cls and module in ("score", "classifier"))
         if isinstance(targets, str):

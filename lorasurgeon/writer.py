@@ -18,12 +18,12 @@ import shutil
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .errors import OptionError, OutputError
-from .reader import DTYPE_SIZES, INDEX_NAMES, SINGLE_NAMES, Checkpoint
+from .dtypes import DTYPES, DType, tensor_nbytes
+from .errors import OutputError
+from .reader import INDEX_NAMES, SINGLE_NAMES, Checkpoint
 
 __all__ = [
     "SHARD_NAME_FORMAT",
@@ -47,33 +47,6 @@ SHARD_NAME_FORMAT = "{stem}-{index:05d}-of-{count:05d}.safetensors"
 _COPY_BLOCK = 64 * 1024 * 1024
 
 
-class DType(str, Enum):
-    """The output dtype choice of ``merge``: ``auto`` keeps each tensor's dtype."""
-
-    AUTO = "auto"
-    FLOAT32 = "float32"
-    FLOAT16 = "float16"
-    BFLOAT16 = "bfloat16"
-
-    @property
-    def code(self) -> str | None:
-        """The safetensors dtype code, None for auto."""
-        return {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}.get(self.value)
-
-    @classmethod
-    def code_of(cls, value: str) -> str | None:
-        """The safetensors code of a dtype choice (None for auto).
-
-        Raises:
-            OptionError: ``value`` is not one of the choices.
-        """
-        try:
-            return cls(value).code
-        except ValueError:
-            choices = ", ".join(d.value for d in cls)
-            raise OptionError(f"dtype must be one of {choices}, not {value!r}") from None
-
-
 @dataclass(frozen=True)
 class OutputTensor:
     """One tensor of the output: name, safetensors dtype code and shape."""
@@ -88,7 +61,11 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        return DTYPE_SIZES[self.dtype] * self.numel
+        nbytes = tensor_nbytes(self.dtype, self.numel)
+        if nbytes is None:
+            raise OutputError(f"{self.dtype} {self.shape} is not a whole number of bytes",
+                              tensor=self.name)  # fmt: skip
+        return nbytes
 
 
 @dataclass(frozen=True)
@@ -239,7 +216,7 @@ def plan_layout(
     for header in checkpoint.shards:
         items = [by_name[t.name] for t in header.tensors]
         if any(by_name[t.name].dtype != t.dtype for t in header.tensors):
-            items.sort(key=lambda t: -DTYPE_SIZES[t.dtype])  # keeps every tensor aligned
+            items.sort(key=lambda t: -DTYPES[t.dtype].bits)  # keeps every tensor aligned
         shards.append(OutputShard(header.path.name, header.metadata, tuple(items)))
     original = checkpoint.index_path.read_text(encoding="utf-8") if checkpoint.index_path else None
     return OutputLayout(tuple(shards), index_name, index, original_index=original)

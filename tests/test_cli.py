@@ -528,12 +528,12 @@ def test_readme_combine_and_resize_run_on_the_fixtures(
     ("args", "code", "words"),
     [
         (["combine", "{a}", "{a}", "--weight", "1"], 2, "--weight"),
-        (["combine", "{a}", "{a}", "--method", "ties"], 1, "--density"),
-        (["combine", "{a}", "{a}", "--rank", "4"], 1, "--svd"),
+        (["combine", "{a}", "{a}", "--method", "ties"], 2, "--density"),
+        (["combine", "{a}", "{a}", "--rank", "4"], 2, "--svd"),
         (["combine", "{a}", "{a}", "--method", "mean"], 2, "--method"),
         (["combine", "{a}", "{t}"], 1, "adapter_config.json"),
         (["resize", "{a}"], 2, "--rank"),
-        (["resize", "{a}", "--rank-method", "energy"], 1, "--energy"),
+        (["resize", "{a}", "--rank-method", "energy"], 2, "--energy"),
         (["resize", "{t}", "--rank", "2"], 1, "adapter_config.json"),
     ],
 )

@@ -26,7 +26,13 @@ from safetensors.torch import load_file, save_file
 
 import lorasurgeon
 from lorasurgeon import AdapterError, IncompatibleError, OptionError
-from tests.conftest import FP32_REL_TOL, TinyBase, make_adapter
+from tests.conftest import (
+    FP32_REL_TOL,
+    TinyBase,
+    assert_matches_peft,
+    make_adapter,
+    peft_merge,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -436,6 +442,27 @@ def test_whole_tensors_of_one_adapter_are_kept(llama_fp32: TinyBase, tmp_path: P
     assert config["modules_to_save"] == ["lm_head"]
 
 
+def test_bias_all_wrapper_copies_are_left_out_as_peft_loads_them(
+    llama_seq_cls: TinyBase, tmp_path: Path
+) -> None:
+    # bias="all" with modules_to_save saves <m>.modules_to_save.bias and <m>.original_module.bias
+    # besides <m>.bias; PEFT loads only <m>.bias, so the combination keeps only that one.
+    config = lora("q_proj", task_type="SEQ_CLS", bias="all", modules_to_save=["down_proj"])
+    adapters = [make_adapter(llama_seq_cls, config, tmp_path / "a0", seed=72),
+                make_adapter(llama_seq_cls, lora("v_proj"), tmp_path / "a1", seed=73)]  # fmt: skip
+    run(adapters, tmp_path / "out", weights=WEIGHTS, method="cat")
+    saved = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    source = load_file(adapters[0] / "adapter_model.safetensors")
+    inner = [k for k in source if ".modules_to_save." in k or ".original_module." in k]
+    assert inner and not set(inner) & set(saved)
+    biases = [k for k in source if k.endswith(".bias") and k not in inner]
+    assert biases and all(torch.equal(saved[k], source[k]) for k in biases)
+    lorasurgeon.merge(llama_seq_cls.path, [tmp_path / "out"], tmp_path / "merged", device="cpu")
+    expected = peft_merge(llama_seq_cls, [tmp_path / "out"])
+    report = assert_matches_peft(tmp_path / "merged", expected, llama_seq_cls)
+    assert "model.layers.1.mlp.down_proj.bias" in report.changed
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals
 
@@ -502,7 +529,13 @@ def test_bad_options_are_refused_before_anything_is_written(
 def test_one_adapter_is_scaled_as_peft_does(
     llama_fp32: TinyBase, pair: list[Path], tmp_path: Path
 ) -> None:
-    report = run([pair[0]], tmp_path / "out", weights=[0.5], method="ties", density=0.5)
+    # PEFT silently runs linear for one adapter; a method that cannot apply is refused instead
+    with pytest.raises(OptionError, match="one adapter"):
+        run([pair[0]], tmp_path / "out", weights=[0.5], method="ties", density=0.5)
+    with pytest.raises(OptionError, match="one adapter"):
+        run([pair[0]], tmp_path / "out", weights=[0.5], svd=True)
+    assert not (tmp_path / "out").exists()
+    report = run([pair[0]], tmp_path / "out", weights=[0.5])
     assert report.method == "linear" and any("resize" in n for n in report.notes)
     ours = loaded_by_peft(llama_fp32, tmp_path / "out")
     single = loaded_by_peft(llama_fp32, pair[0])

@@ -294,11 +294,12 @@ def test_overwrite_refuses_a_file_that_is_not_safetensors(work: Path) -> None:
     target = work / "notes.txt"
     target.write_text("mine")
     with pytest.raises(OutputError) as e:
-        lorasurgeon.merge(single, [work / "adapter"], target, overwrite=True)
+        lorasurgeon.merge(single, [work / "adapter"], target, overwrite=True, fan_in_fan_out="none")
     assert "is a file, not a checkpoint" in str(e.value)
     assert target.read_text() == "mine"
-    lorasurgeon.merge(single, [work / "adapter"], work / "merged.safetensors")
-    lorasurgeon.merge(single, [work / "adapter"], work / "merged.safetensors", overwrite=True)
+    merged = work / "merged.safetensors"
+    lorasurgeon.merge(single, [work / "adapter"], merged, fan_in_fan_out="none")
+    lorasurgeon.merge(single, [work / "adapter"], merged, overwrite=True, fan_in_fan_out="none")
 
 
 @pytest.mark.parametrize("out", [".", "..", "./"])

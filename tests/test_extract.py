@@ -280,3 +280,107 @@ def test_differences_outside_the_adapter_are_summed_by_chunks(
     assert energy["moved"] == pytest.approx(0.25, rel=1e-12)
     exact = float((base["same"].bfloat16().double() - base["same"].double()).square().sum())
     assert energy["cast"] == pytest.approx(exact, rel=1e-12)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path / "model.safetensors")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "tensor", "module"),
+    [
+        ("drop", "model.norm.weight", "norm"),
+        ("add", "extra.proj.weight", "extra.proj"),
+        ("reshape", "model.layers.0.input_layernorm.weight", "input_layernorm"),
+    ],
+)
+def test_tensor_on_one_side_or_reshaped_is_an_error_unless_excluded(
+    llama_fp32: TinyBase, planted: Path, tmp_path: Path, edit: str, tensor: str, module: str
+) -> None:
+    from lorasurgeon import IncompatibleError
+
+    tensors = load_checkpoint(planted)
+    if edit == "drop":
+        del tensors[tensor]
+    elif edit == "add":
+        tensors[tensor] = torch.ones(4, 4)
+    else:
+        tensors[tensor] = torch.ones(33)
+    tuned = _save_tensors(tensors, tmp_path / "tuned")
+    with pytest.raises(IncompatibleError, match="--exclude-modules") as e:
+        lorasurgeon.extract(llama_fp32.path, tuned, tmp_path / "a", rank=3)
+    assert e.value.tensor == tensor and not (tmp_path / "a").exists()
+    report = lorasurgeon.extract(llama_fp32.path, tuned, tmp_path / "b", rank=3,
+                                 exclude_modules=[module])  # fmt: skip
+    assert len(report.modules) == 14
+
+
+def test_resized_vocabulary_says_what_to_do_and_saved_modules_load_in_peft(
+    llama_fp32: TinyBase, tmp_path: Path
+) -> None:
+    from lorasurgeon import IncompatibleError
+
+    model = llama_fp32.load(torch.float32)
+    model.resize_token_embeddings(72)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight += 0.05
+        model.lm_head.weight[64:] += 0.1
+    model.save_pretrained(tmp_path / "tuned")
+    with pytest.raises(IncompatibleError, match="resized from 64 to 72 tokens") as e:
+        lorasurgeon.extract(llama_fp32.path, tmp_path / "tuned", tmp_path / "a", rank=2)
+    assert "--save-modules" in str(e.value) and e.value.tensor in (
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+    )
+    report = lorasurgeon.extract(llama_fp32.path, tmp_path / "tuned", tmp_path / "lora", rank=2,
+                                 save_modules=["embed_tokens", "lm_head"])  # fmt: skip
+    assert any("72 tokens" in note for note in report.notes)
+    base = llama_fp32.load(torch.float32)
+    base.resize_token_embeddings(72)
+    merged = PeftModel.from_pretrained(base, tmp_path / "lora").merge_and_unload().state_dict()
+    tuned = load_checkpoint(tmp_path / "tuned")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(merged[name], tuned[name]), name
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert float((merged[name] - tuned[name]).abs().max()) <= 1e-5
+
+
+def _gpt2_tuned(gpt2: TinyBase, path: Path) -> Path:
+    model = gpt2.load(torch.float32)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and any(k in name for k in ("c_attn", "c_proj", "c_fc")):
+                p += (
+                    0.05
+                    * torch.randn(p.shape[0], 2, generator=g)
+                    @ torch.randn(2, p.shape[1], generator=g)
+                )
+    model.save_pretrained(path)
+    return path
+
+
+def test_conv1d_layout_without_config_must_be_stated(gpt2: TinyBase, tmp_path: Path) -> None:
+    from lorasurgeon import IncompatibleError
+
+    tuned_dir = _gpt2_tuned(gpt2, tmp_path / "tuned")
+    base_file, tuned_file = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
+    base_file.write_bytes((gpt2.path / "model.safetensors").read_bytes())
+    tuned_file.write_bytes((tuned_dir / "model.safetensors").read_bytes())
+    with pytest.raises(IncompatibleError, match="--fan-in-fan-out"):
+        lorasurgeon.extract(base_file, tuned_file, tmp_path / "x", rank=2)
+    runs = {"stated": (tuned_file, {"fan_in_fan_out": "all"}),
+            "tuned_config": (tuned_dir, {})}  # fmt: skip
+    for label, (tuned, options) in runs.items():
+        out = tmp_path / label
+        report = lorasurgeon.extract(base_file, tuned, out, rank=2, **options)  # type: ignore[arg-type]
+        assert len(report.modules) == 8
+        merged = PeftModel.from_pretrained(gpt2.load(torch.float32), out).merge_and_unload()
+        ours, expected = merged.state_dict(), load_checkpoint(tuned_dir)
+        for m in report.modules:
+            name = m.module + ".weight"
+            assert float((ours[name] - expected[name]).abs().max()) <= 1e-5, (label, name)

@@ -302,6 +302,46 @@ CASES = {
         must_change=("conv.weight", "pointwise.weight", "head.weight"),
         must_keep=("conv.bias", "head.bias"),
     ),
+    # bias="all" also saves a modules_to_save module's bias as <m>.modules_to_save.bias and
+    # <m>.original_module.bias; PEFT's loader ignores the first and discards the second at merge.
+    "seq_cls_bias_all_modules_to_save_with_bias": Case(
+        "llama_seq_cls",
+        (lora("q_proj", "v_proj", task_type="SEQ_CLS", bias="all", modules_to_save=["down_proj"]),),
+        must_change=(
+            "model.layers.0.mlp.down_proj.bias",
+            "model.layers.1.mlp.down_proj.weight",
+            "model.layers.0.mlp.up_proj.bias",
+            "score.weight",
+        ),  # fmt: skip
+    ),
+    "seq_cls_bias_all_modules_to_save_and_trainable_tokens": Case(
+        "llama_seq_cls",
+        (
+            lora(
+                "q_proj",
+                task_type="SEQ_CLS",
+                bias="all",
+                modules_to_save=["o_proj"],
+                trainable_token_indices=[3, 5],
+            ),
+        ),  # fmt: skip
+        must_change=("model.layers.0.self_attn.o_proj.bias", "model.embed_tokens.weight"),
+    ),
+    "seq_cls_bias_all_targeted_module_in_modules_to_save": Case(
+        "llama_seq_cls",
+        (lora("q_proj", "v_proj", task_type="SEQ_CLS", bias="all", modules_to_save=["q_proj"]),),
+        must_change=(
+            "model.layers.0.self_attn.q_proj.bias",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.1.self_attn.v_proj.bias",
+        ),  # fmt: skip
+    ),
+    "seq_cls_bias_lora_only_modules_to_save": Case(
+        "llama_seq_cls",
+        (lora("q_proj", task_type="SEQ_CLS", bias="lora_only", modules_to_save=["up_proj"]),),
+        must_change=("model.layers.0.self_attn.q_proj.bias", "model.layers.1.mlp.up_proj.bias"),
+        must_keep=("model.layers.0.mlp.down_proj.bias",),
+    ),
     "conv2d_single_file_bf16": Case(
         "conv_net_bf16",
         (lora("conv", "pointwise", "head"),),
@@ -334,6 +374,21 @@ def test_merge_matches_peft_merge_and_unload(
     assert set(case.must_keep) <= report.unchanged, set(case.must_keep) - report.unchanged
     if base.is_file:
         assert out.is_file(), "a single-file base must give a single output file"
+
+
+def test_plain_weight_of_a_lora_module_is_ignored_as_peft_does(
+    llama_fp32: TinyBase, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    adapter = make_adapter(llama_fp32, lora("q_proj"), tmp_path / "a", seed=130)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    stray = "base_model.model.model.layers.0.self_attn.q_proj.weight"  # PEFT's: base_layer.weight
+    tensors[stray] = torch.full((32, 32), 7.0)
+    save_file(tensors, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    run_merge(llama_fp32, [adapter], tmp_path / "merged")
+    assert_matches_peft(tmp_path / "merged", peft_merge(llama_fp32, [adapter]), llama_fp32)
+    assert stray in caplog.text
 
 
 @pytest.mark.parametrize("base_name", ["llama_fp32", "llama_bf16"])
@@ -668,3 +723,111 @@ def test_merge_on_cuda_matches_peft(
     run_merge(base, adapters, out, device="cuda")
 
     assert_matches_peft(out, peft_merge(base, adapters), base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage layout (nn.Linear vs GPT-2 Conv1D) where the base has no config.json
+
+
+class MixedConv1D(torch.nn.Module):
+    """A custom (non-transformers) model mixing a square Conv1D and square Linear layers."""
+
+    def __init__(self) -> None:
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.proj = Conv1D(16, 16)  # stored (in, out)
+        self.gate = torch.nn.Linear(16, 16)
+        self.wide = Conv1D(24, 16)  # (16, 24): its shape alone tells
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.wide(self.gate(self.proj(x)))
+
+
+def _mixed_conv1d() -> torch.nn.Module:
+    torch.manual_seed(11)
+    return MixedConv1D()
+
+
+@pytest.fixture
+def mixed_conv1d_file(tmp_path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    model = _mixed_conv1d()
+    path = tmp_path / "mixed.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture
+def gpt2_file(gpt2: TinyBase, tmp_path: Path) -> Path:
+    """The GPT-2 base as a bare .safetensors file: no config.json says it uses Conv1D."""
+    path = tmp_path / "gpt2.safetensors"
+    path.write_bytes((gpt2.path / "model.safetensors").read_bytes())
+    return path
+
+
+def test_square_conv1d_of_unknown_layout_is_refused_not_guessed(
+    gpt2: TinyBase, gpt2_file: Path, tmp_path: Path
+) -> None:
+    adapters = build_adapters(gpt2, (GPT2_CONV1D,), tmp_path)
+    with pytest.raises(IncompatibleError, match="--fan-in-fan-out") as e:
+        run_merge(gpt2_file, adapters, tmp_path / "out.safetensors")
+    assert e.value.tensor is not None and "attn.c_proj.lora_B" in e.value.tensor
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("stated", ["all", ["c_attn", "c_proj", "c_fc"]], ids=["all", "names"])
+def test_stated_conv1d_layout_merges_a_bare_gpt2_file_like_peft(
+    gpt2: TinyBase, gpt2_file: Path, tmp_path: Path, stated: object
+) -> None:
+    adapters = build_adapters(gpt2, (GPT2_CONV1D,), tmp_path)
+    out = tmp_path / "out.safetensors"
+    run_merge(gpt2_file, adapters, out, fan_in_fan_out=stated)
+    report = assert_matches_peft(out, peft_merge(gpt2, adapters), gpt2_file)
+    assert "transformer.h.0.attn.c_proj.weight" in report.changed
+
+
+def test_custom_model_mixing_square_conv1d_and_linear(
+    mixed_conv1d_file: Path, tmp_path: Path
+) -> None:
+    config = lora("proj", "gate", "wide")
+    adapter = make_adapter(_mixed_conv1d, config, tmp_path / "a", seed=140)
+    # PEFT rewrites fan_in_fan_out per module as it injects them: the saved flag is the last
+    # module's, so true here although gate is an nn.Linear (peft-lora.md E33)
+    assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    with pytest.raises(IncompatibleError, match="square"):
+        run_merge(mixed_conv1d_file, [adapter], tmp_path / "x.safetensors")
+    out = tmp_path / "out.safetensors"
+    run_merge(mixed_conv1d_file, [adapter], out, fan_in_fan_out=["proj", "wide"])
+    report = assert_matches_peft(out, peft_merge(_mixed_conv1d, [adapter]), mixed_conv1d_file)
+    assert {"proj.weight", "gate.weight", "wide.weight"} <= report.changed
+
+
+def test_stated_layout_that_config_contradicts_or_that_matches_nothing_is_refused(
+    gpt2: TinyBase, gpt2_file: Path, tmp_path: Path
+) -> None:
+    adapters = build_adapters(gpt2, (GPT2_CONV1D,), tmp_path)
+    with pytest.raises(OptionError, match="config.json"):
+        run_merge(gpt2, adapters, tmp_path / "a", fan_in_fan_out="none")
+    with pytest.raises(OptionError, match="c_projj"):
+        run_merge(gpt2_file, adapters, tmp_path / "b.safetensors",
+                  fan_in_fan_out=["c_attn", "c_projj"])  # fmt: skip
+
+
+def test_cli_fan_in_fan_out_option(
+    gpt2: TinyBase, gpt2_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lorasurgeon.cli import main
+
+    adapters = [str(a) for a in build_adapters(gpt2, (GPT2_CONV1D,), tmp_path)]
+    base, out = str(gpt2_file), str(tmp_path / "o.safetensors")
+    with pytest.raises(SystemExit) as e:
+        main(["merge", base, *adapters, "-o", out, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: ") and "--fan-in-fan-out" in err
+    with pytest.raises(SystemExit) as e:
+        main(["merge", base, *adapters, "-o", out, "--device", "cpu", "--fan-in-fan-out",
+              "c_attn,c_proj,c_fc"])  # fmt: skip
+    assert e.value.code == 0
+    assert_matches_peft(Path(out), peft_merge(gpt2, [Path(a) for a in adapters]), gpt2_file)

@@ -26,6 +26,7 @@ from hypothesis.extra.numpy import arrays
 from lorasurgeon import ops
 from lorasurgeon.errors import OptionError
 from lorasurgeon.ops import AddDelta, LoraDelta, SetRows, apply_updates, resolve_device
+from lorasurgeon.options import CombineMethod, MajoritySign
 
 # The autouse offline-Hub fixture of conftest.py is function scoped; it only sets environment
 # variables, so sharing it between the examples of a hypothesis test is harmless.
@@ -588,16 +589,16 @@ def _tasks(seed: int, count: int = 3, shape: tuple[int, ...] = (6, 10)) -> list[
 @pytest.mark.parametrize(
     ("method", "density", "sign"),
     [
-        (ops.Combination.LINEAR, 1.0, "total"),
-        (ops.Combination.MAGNITUDE_PRUNE, 0.4, "total"),
-        (ops.Combination.TIES, 0.5, "total"),
-        (ops.Combination.TIES, 0.7, "frequency"),
-        (ops.Combination.DARE_LINEAR, 0.5, "total"),
-        (ops.Combination.DARE_TIES, 0.3, "frequency"),
+        (CombineMethod.LINEAR, 1.0, "total"),
+        (CombineMethod.MAGNITUDE_PRUNE, 0.4, "total"),
+        (CombineMethod.TIES, 0.5, "total"),
+        (CombineMethod.TIES, 0.7, "frequency"),
+        (CombineMethod.DARE_LINEAR, 0.5, "total"),
+        (CombineMethod.DARE_TIES, 0.3, "frequency"),
     ],
 )
 def test_combine_tensors_equals_peft_merge_utils(
-    seed: int, method: ops.Combination, density: float, sign: str
+    seed: int, method: CombineMethod, density: float, sign: str
 ) -> None:
     from peft.utils import merge_utils
 
@@ -612,18 +613,16 @@ def test_combine_tensors_equals_peft_merge_utils(
     try:
         w = torch.tensor(weights)
         expected = {
-            ops.Combination.LINEAR: lambda: merge_utils.task_arithmetic(tensors, w),
-            ops.Combination.MAGNITUDE_PRUNE: lambda: merge_utils.magnitude_prune(
-                tensors, w, density
-            ),
-            ops.Combination.TIES: lambda: merge_utils.ties(tensors, w, density, sign),
-            ops.Combination.DARE_LINEAR: lambda: merge_utils.dare_linear(tensors, w, density),
-            ops.Combination.DARE_TIES: lambda: merge_utils.dare_ties(tensors, w, density, sign),
+            CombineMethod.LINEAR: lambda: merge_utils.task_arithmetic(tensors, w),
+            CombineMethod.MAGNITUDE_PRUNE: lambda: merge_utils.magnitude_prune(tensors, w, density),
+            CombineMethod.TIES: lambda: merge_utils.ties(tensors, w, density, sign),
+            CombineMethod.DARE_LINEAR: lambda: merge_utils.dare_linear(tensors, w, density),
+            CombineMethod.DARE_TIES: lambda: merge_utils.dare_ties(tensors, w, density, sign),
         }[method]()
     finally:
         torch.bernoulli = original
     ours = ops.combine_tensors(tensors, weights, method, density=density,
-                               sign_method=ops.SignMethod(sign), masks=masks)  # fmt: skip
+                               sign_method=MajoritySign(sign), masks=masks)  # fmt: skip
     assert torch.equal(ours, expected)
 
 
@@ -645,9 +644,9 @@ def test_random_mask_has_the_density_in_distribution() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
-        ({"method": ops.Combination.TIES, "density": 0.0}, "density"),
-        ({"method": ops.Combination.DARE_LINEAR, "density": 0.5}, "mask"),
-        ({"method": ops.Combination.LINEAR, "weights": [1.0]}, "weights"),
+        ({"method": CombineMethod.TIES, "density": 0.0}, "density"),
+        ({"method": CombineMethod.DARE_LINEAR, "density": 0.5}, "mask"),
+        ({"method": CombineMethod.LINEAR, "weights": [1.0]}, "weights"),
     ],
 )
 def test_combine_tensors_refuses_bad_arguments(kwargs: dict, words: str) -> None:

@@ -345,6 +345,7 @@ class Built:
     base: Path
     adapter: Path
     factory: Callable[[], nn.Module]
+    conv1d: list[str] | str  # the layout, stated: a bare file has no config.json to tell it
 
 
 def _build(name: str, tmp_path: Path) -> Built:
@@ -355,7 +356,8 @@ def _build(name: str, tmp_path: Path) -> Built:
     save_file(state, base, metadata={"format": "pt"})
     config = LoraConfig(**copy.deepcopy(row.kwargs))
     adapter = make_adapter(factory, config, tmp_path / "adapter", seed=1, check_merge=row.mergeable)
-    return Built(base, adapter, factory)
+    conv1d = [n for n, m in factory().named_modules() if isinstance(m, Conv1D)]
+    return Built(base, adapter, factory, conv1d or "none")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +369,7 @@ def test_merge_matches_peft(name: str, tmp_path: Path) -> None:
     built = _build(name, tmp_path)
     out = tmp_path / "merged.safetensors"
 
-    lorasurgeon.merge(built.base, [built.adapter], out)
+    lorasurgeon.merge(built.base, [built.adapter], out, fan_in_fan_out=built.conv1d)
 
     assert_matches_peft(out, peft_merge(built.factory, [built.adapter]), built.base)
 
@@ -377,8 +379,8 @@ def test_unmerge_restores_base(name: str, tmp_path: Path) -> None:
     built = _build(name, tmp_path)
     merged, restored = tmp_path / "merged.safetensors", tmp_path / "restored.safetensors"
 
-    lorasurgeon.merge(built.base, [built.adapter], merged)
-    lorasurgeon.merge(merged, [built.adapter], restored, unmerge=True)
+    lorasurgeon.merge(built.base, [built.adapter], merged, fan_in_fan_out=built.conv1d)
+    lorasurgeon.merge(merged, [built.adapter], restored, unmerge=True, fan_in_fan_out=built.conv1d)
 
     base, back, once = load_file(built.base), load_file(restored), load_file(merged)
     assert any(not torch.equal(once[k], base[k]) for k in base), "the merge changed nothing"
@@ -477,7 +479,7 @@ def test_bf16_merge_matches_peft_within_its_roundings(name: str, tmp_path: Path)
     base = _bf16_base(built, ROWS[name].model)
     out = tmp_path / "merged.safetensors"
 
-    lorasurgeon.merge(base.path, [built.adapter], out)
+    lorasurgeon.merge(base.path, [built.adapter], out, fan_in_fan_out=built.conv1d)
 
     assert_matches_peft(
         out,

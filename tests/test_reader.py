@@ -21,9 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lorasurgeon.dtypes import DTYPES
 from lorasurgeon.errors import CheckpointError, LocationError
 from lorasurgeon.reader import (
-    DTYPE_SIZES,
     find_checkpoint_file,
     open_checkpoint,
     read_header,
@@ -103,7 +103,7 @@ def assert_opens_or_refuses(path: Path) -> None:
             size = path.stat().st_size
             spans = sorted((i.offset, i.offset + i.nbytes) for i in checkpoint if i.nbytes)
             for info in checkpoint:
-                assert info.nbytes == info.numel * DTYPE_SIZES[info.dtype]
+                assert info.nbytes * 8 == info.numel * DTYPES[info.dtype].bits
                 assert 8 <= info.offset and info.offset + info.nbytes <= size
             for (_, end), (begin, _) in zip(spans, spans[1:], strict=False):
                 assert end <= begin, "accepted overlapping tensors"
@@ -507,7 +507,7 @@ json_values = st.recursive(
 near_valid_entries = st.fixed_dictionaries(
     {},
     optional={
-        "dtype": st.sampled_from(sorted(DTYPE_SIZES)) | json_values,
+        "dtype": st.sampled_from(sorted(DTYPES)) | json_values,
         "shape": st.lists(st.integers(-2, 5), max_size=3) | json_values,
         "data_offsets": st.lists(st.integers(-4, 70), min_size=2, max_size=2) | json_values,
     },

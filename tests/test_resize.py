@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import lorasurgeon
 from lorasurgeon import AdapterError, OptionError
 from lorasurgeon.lowrank import product_svd
-from tests.conftest import FP32_REL_TOL, TinyBase, make_adapter
+from tests.conftest import FP32_REL_TOL, TinyBase, assert_matches_peft, make_adapter, peft_merge
 from tests.test_combine import effective, loaded_by_peft, lora, rel
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -111,6 +111,24 @@ def test_whole_tensors_are_copied(llama_fp32: TinyBase, tmp_path: Path) -> None:
     source = load_file(source_dir / "adapter_model.safetensors")
     head = [k for k in source if "lm_head" in k]
     assert head and all(torch.equal(ours[k], source[k]) for k in head)
+
+
+def test_bias_all_wrapper_copies_are_left_out_as_peft_loads_them(
+    llama_seq_cls: TinyBase, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    config = lora("q_proj", task_type="SEQ_CLS", bias="all", modules_to_save=["up_proj"])
+    source_dir = make_adapter(llama_seq_cls, config, tmp_path / "a", seed=303)
+    lorasurgeon.resize(source_dir, tmp_path / "out", rank=4)
+    ours = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    source = load_file(source_dir / "adapter_model.safetensors")
+    inner = [k for k in source if ".modules_to_save." in k or ".original_module." in k]
+    assert inner and not set(inner) & set(ours)
+    lorasurgeon.merge(llama_seq_cls.path, [tmp_path / "out"], tmp_path / "merged", device="cpu")
+    expected = peft_merge(llama_seq_cls, [source_dir])  # rank 4 = the input's: lossless
+    report = assert_matches_peft(tmp_path / "merged", expected, llama_seq_cls)
+    assert "model.layers.0.mlp.up_proj.bias" in report.changed
 
 
 def test_resize_refuses_dora_and_a_missing_rank(

@@ -470,3 +470,40 @@ def test_selects_what_get_peft_model_wraps(
     }
     ours = {name for name, linear in names.items() if rule.selects(name, linear=linear)}
     assert ours == wrapped
+
+
+@pytest.mark.parametrize(
+    ("config", "stated", "module", "expected"),
+    [
+        ({"model_type": "gpt2"}, None, "transformer.h.0.attn.c_proj", "conv1d"),
+        ({"model_type": "gpt2"}, None, "lm_head", "linear"),
+        ({"model_type": "llama"}, None, "model.layers.0.self_attn.q_proj", "linear"),
+        ({"model_type": "my-custom"}, None, "blocks.0.c_proj", "linear"),
+        ({"_diffusers_version": "0.30.0"}, None, "down.0.attn.to_q", "linear"),
+        ({}, None, "transformer.h.0.attn.c_proj", "unknown"),
+        ({"architectures": ["X"]}, None, "h.0.c_proj", "unknown"),  # no model_type
+        ({}, "all", "h.0.c_proj", "conv1d"),
+        ({}, "none", "h.0.c_proj", "linear"),
+        ({}, ["c_proj"], "h.0.attn.c_proj", "conv1d"),
+        ({}, ["c_proj"], "h.0.attn.gate", "linear"),
+        ({"model_type": "gpt2"}, "all", "transformer.h.0.attn.c_proj", "conv1d"),
+    ],
+)
+def test_layout_is_known_from_config_stated_or_unknown(
+    config: dict[str, object], stated: object, module: str, expected: str
+) -> None:
+    from lorasurgeon.targets import LayoutRules
+
+    rules = LayoutRules.from_config(config, stated)  # type: ignore[arg-type]
+    assert rules.layout(module).value == expected
+
+
+def test_stated_layout_contradicting_config_is_an_option_error() -> None:
+    from lorasurgeon.errors import OptionError
+    from lorasurgeon.targets import LayoutRules
+
+    rules = LayoutRules.from_config({"model_type": "llama"}, "all")
+    with pytest.raises(OptionError, match="model_type llama"):
+        rules.layout("model.layers.0.self_attn.q_proj")
+    with pytest.raises(OptionError):
+        LayoutRules.from_config({}, ["c_proj", ""])
