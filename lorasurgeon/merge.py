@@ -17,8 +17,11 @@ from pathlib import Path
 
 from . import engine
 from .adapters import Adapter, LoraModule, open_adapter
+from .diffusion import diffusion_changes, is_lora_file, refuse_float8
 from .dtypes import COMPUTE_DTYPES, DTYPES, DType
 from .errors import AdapterError, IncompatibleError, OptionError
+from .formats import read_lora
+from .layouts import open_layout
 from .locations import Location, Role, resolve
 from .options import check_finite
 from .plans import STARTING_KINDS, Change, ChangeKind, MergePlan, TensorPlan
@@ -423,6 +426,8 @@ def plan_merge(
     dtype: str = "auto",
     max_shard_size: int | str | None = None,
     fan_in_fan_out: Sequence[str] | str | None = None,
+    te_weights: Sequence[float] | None = None,
+    skip_text_encoder: bool = False,
 ) -> MergePlan:
     """Work out a merge from headers alone; nothing is computed or written.
 
@@ -441,6 +446,23 @@ def plan_merge(
     output_is_file = base_loc.path.is_file()
     if output_is_file and shard_limit is not None:
         raise OptionError("--max-shard-size needs a base directory (the output is one file)")
+    lora_files = [is_lora_file(loc.path) for loc in adapter_locs]
+    if any(lora_files):
+        if not all(lora_files) or fan_in_fan_out is not None:
+            raise OptionError(
+                "diffusion LoRA files (.safetensors) cannot be merged together with PEFT "
+                "adapter directories or --fan-in-fan-out; merge them in separate runs"
+            )
+        text = _normalize_text_weights(te_weights, weights_t)
+        return _plan_diffusion(
+            base_loc, adapter_locs, weights_t, text, out, unmerge=unmerge, dtype=dtype_code,
+            shard_limit=shard_limit, skip_text_encoder=skip_text_encoder,
+        )  # fmt: skip
+    if te_weights is not None or skip_text_encoder:
+        raise OptionError(
+            "--te-weight and --skip-text-encoder apply to diffusion LoRA files only",
+            hint="PEFT adapters have one --weight each",
+        )
     config = read_config(base_loc.path)
     model_type = config.get("model_type")
     layouts = LayoutRules.from_config(config, fan_in_fan_out)
@@ -466,6 +488,73 @@ def plan_merge(
     return MergePlan(
         base_loc, adapter_locs, weights_t, unmerge, tensors, layout, output_is_file,
         tuple(files), _config_text(base_loc, dtype_code), notes,
+    )  # fmt: skip
+
+
+def _normalize_text_weights(
+    te_weights: Sequence[float] | None, weights: tuple[float, ...]
+) -> tuple[float, ...]:
+    if te_weights is None:
+        return weights  # the WebUI's <lora:name:W>: one strength for both
+    if len(te_weights) != len(weights):
+        raise OptionError(f"{len(te_weights)} text-encoder weights given for {len(weights)} LoRAs")
+    for w in te_weights:
+        check_finite("--te-weight", w)
+    return tuple(float(w) for w in te_weights)
+
+
+def _plan_diffusion(
+    base: Location,
+    loras: tuple[Location, ...],
+    weights: tuple[float, ...],
+    text_weights: tuple[float, ...],
+    out: str | os.PathLike[str] | None,
+    *,
+    unmerge: bool,
+    dtype: str | None,
+    shard_limit: int | None,
+    skip_text_encoder: bool,
+) -> MergePlan:
+    """The merge of diffusion LoRA files into a single-checkpoint base (LDM/SGM file,
+    UNet/DiT-only file or directory, FLUX file): the layouts and formats modules match each
+    update to its base tensor(s); planning here is the same as for adapters."""
+    layout = open_layout(base.path)
+    if len(layout.checkpoints) != 1:
+        raise IncompatibleError(
+            "merging diffusion LoRAs into a diffusers pipeline folder is not supported yet",
+            path=base.path,
+            hint="merge into a component folder (e.g. unet/) or an LDM single file",
+        )
+    read = [read_lora(loc.path) for loc in loras]
+    with open_checkpoint(base.path) as checkpoint:
+        refuse_float8(base.path, checkpoint.tensors)
+        found = diffusion_changes(layout, read, weights, text_weights, unmerge=unmerge,
+                                  skip_text_encoder=skip_text_encoder)  # fmt: skip
+        tensors = []
+        for info in checkpoint.tensors.values():
+            changes = tuple(found.per_tensor.get(info.name, ()))
+            tensors.append(
+                TensorPlan(
+                    info.name, info, _output_dtype(info, dtype, bool(changes), base.path), changes
+                )  # fmt: skip
+            )
+        output_is_file = base.path.is_file()
+        out_name = Path(out).name if out is not None and output_is_file else None
+        planned = [OutputTensor(t.name, t.dtype, t.base.shape) for t in tensors]
+        layout_out = plan_layout(
+            checkpoint, planned, max_shard_size=shard_limit, file_name=out_name
+        )
+        files, skipped = side_files(checkpoint)
+    notes = tuple(
+        f"{loc}: {n} text-encoder module(s) left out (--skip-text-encoder)"
+        for loc, n in zip(loras, found.skipped_text, strict=True)
+        if n
+    )
+    if skipped:
+        notes += (f"not copied (weights that the merge does not cover): {', '.join(skipped)}",)
+    return MergePlan(
+        base, loras, weights, unmerge, tuple(tensors), layout_out, output_is_file, tuple(files),
+        _config_text(base, dtype), notes,
     )  # fmt: skip
 
 
@@ -531,6 +620,8 @@ def merge(
     dtype: str = "auto",
     max_shard_size: int | str | None = None,
     fan_in_fan_out: Sequence[str] | str | None = None,
+    te_weights: Sequence[float] | None = None,
+    skip_text_encoder: bool = False,
     overwrite: bool = False,
     device: str = "auto",
     progress: ProgressCallback | None = None,
@@ -545,7 +636,11 @@ def merge(
 
     Args:
         base: a checkpoint directory, a ``.safetensors`` file, or a Hub repo id.
-        adapters: PEFT adapter directories or Hub repo ids, merged in order.
+        adapters: PEFT adapter directories or Hub repo ids, merged in order; or diffusion
+            LoRA files (kohya/A1111, LyCORIS, diffusers ``.safetensors``) merged into an SD
+            1.x/2.x, SDXL or FLUX base (LDM/SGM single file, UNet/DiT-only file or
+            component directory, FLUX BFL file) as sd-scripts' ``merge_lora.py`` does:
+            ``W + Σ m·(α/r)·Δ`` in float32, rounded once.
         out: the output directory (a file when ``base`` is a file).
         weights: one factor per adapter (default 1.0 each).
         unmerge: subtract the deltas instead (undo a merge); refused for DoRA and for
@@ -557,6 +652,11 @@ def merge(
             ``"none"``, or module names (PEFT's suffix rule; the others are ``nn.Linear``).
             Needed only where the base has no config.json and a weight is square; a
             config.json's ``model_type`` decides otherwise, and a contradiction is an error.
+        te_weights: diffusion LoRA files only: each LoRA's text-encoder strength (the
+            WebUI's ``<lora:name:TE:UNET>``); ``weights`` is then the UNet/transformer
+            strength. Default: the same as ``weights``.
+        skip_text_encoder: diffusion LoRA files only: leave out text-encoder modules whose
+            text encoder the base does not have (counted in the notes) instead of refusing.
         overwrite: replace an existing ``out`` (the old one is removed only after success).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         progress: called with (bytes done, bytes total) as the output is written.
@@ -567,7 +667,8 @@ def merge(
     started = time.monotonic()
     plan = plan_merge(
         base, adapters, out, weights=weights, unmerge=unmerge, dtype=dtype,
-        max_shard_size=max_shard_size, fan_in_fan_out=fan_in_fan_out,
+        max_shard_size=max_shard_size, fan_in_fan_out=fan_in_fan_out, te_weights=te_weights,
+        skip_text_encoder=skip_text_encoder,
     )  # fmt: skip
     inputs = [plan.base.path, *(a.path for a in plan.adapters)]
     out_path = engine.check_output(out, inputs, overwrite=overwrite)
