@@ -72,6 +72,10 @@ def placed_update(
 
     factors = {name: get(info) for name, info in update.factors.items()}
     whole = piece.weight_rows is None and piece.delta_rows is None and not piece.transposed
+    if update.dora_scale is not None and not bias:
+        # planning puts m·s in ``scaling``; DoRA normalizes W + s·Δ, then applies m
+        delta = update_delta(update, factors, update.scaling)
+        return ops.WeightDecompose(delta, get(update.dora_scale), scaling / update.scaling)
     if update.kind is Kind.LORA and whole and not bias:
         a, b = factors["down"], factors["up"]
         return ops.LoraDelta(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), scaling)

@@ -4,6 +4,7 @@ format names (``formats`` and ``layouts`` do)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,26 @@ def _change(
                   piece=piece, bias=bias)  # fmt: skip
 
 
+def _check_dora(lora: Path, update: ModuleUpdate, target: Target, unmerge: bool) -> None:
+    """DoRA (``dora_scale``) normalizes a whole weight; it cannot be undone offline."""
+    if unmerge:
+        raise AdapterError(
+            "DoRA merges cannot be undone offline (the original weight norms are lost)",
+            path=lora, tensor=update.source,
+        )  # fmt: skip
+    scale = update.dora_scale
+    rows = target.shape[0]
+    whole = len(target.pieces) == 1 and target.pieces[0].weight_rows is None
+    fits = scale is not None and scale.numel in (rows, math.prod(target.shape[1:]))
+    if not whole or not fits or update.scaling == 0 or update.kind in (Kind.FULL, Kind.NORM):
+        raise AdapterError(
+            f"DoRA scale {scale.shape if scale else ()} cannot be applied to base module "
+            f"{target.module} {target.shape}",
+            path=lora, tensor=update.source,
+            hint="DoRA is merged only onto whole weights, one norm per row or per column",
+        )  # fmt: skip
+
+
 def _scaling(update: ModuleUpdate, weight: float, sign: float) -> float:
     """m · s: full and norm updates have s = 1 (spec §4)."""
     base = 1.0 if update.kind in (Kind.FULL, Kind.NORM) else update.scaling
@@ -92,12 +113,14 @@ def diffusion_changes(
     """Every change the LoRAs make to the base, LoRA by LoRA (reversed to unmerge).
 
     A module's delta is ``m · s · Δ`` (spec §1.2, §4) with m its LoRA's UNet/transformer or
-    text-encoder weight; m = 0 leaves the module untouched (spec §5.3).
+    text-encoder weight; m = 0 leaves the module untouched (spec §5.3). DoRA (``dora_scale``)
+    modules give ``W + m·(g·(W + s·Δ)/‖W + s·Δ‖ − W)`` (ComfyUI's convention, spec §1.5).
 
     Raises:
         IncompatibleError: a module that fits no target (see ``resolve_updates``), two modules
             of one file on the same target.
-        AdapterError: a DoRA (``dora_scale``) module, which merge does not handle yet.
+        AdapterError: a DoRA (``dora_scale``) module on a slice of a tensor or with a scale of
+            the wrong size, or DoRA with ``unmerge``.
     """
     per_tensor: dict[str, list[Change]] = {}
     skipped = []
@@ -111,11 +134,7 @@ def diffusion_changes(
         for update, target in resolution.matched:
             weight = text_weights[i] if update.component.is_text_encoder else unet_weights[i]
             if update.dora_scale is not None:
-                raise AdapterError(
-                    "DoRA modules (dora_scale) cannot be merged yet",
-                    path=lora.path, tensor=update.source,
-                    hint="merge a LoRA without DoRA, or use the trainer's own merge",
-                )  # fmt: skip
+                _check_dora(lora.path, update, target, unmerge)
             if weight == 0:
                 continue
             for piece in target.pieces:

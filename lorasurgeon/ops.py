@@ -17,7 +17,8 @@ from .errors import OptionError
 from .options import CombineMethod, MajoritySign
 
 __all__ = [
-    "AddDelta", "ExpertDelta", "LoraDelta", "SetRows", "SvdTruncate", "Update", "all_finite",
+    "AddDelta", "ExpertDelta", "LoraDelta", "SetRows", "SvdTruncate", "Update", "WeightDecompose",
+    "all_finite",
     "apply_updates", "block_diagonal", "resolve_device",
 ]  # fmt: skip
 
@@ -123,7 +124,17 @@ def block_diagonal(blocks: torch.Tensor, count: int) -> torch.Tensor:
     return out
 
 
-Update = LoraDelta | AddDelta | SetRows | ExpertDelta | SvdTruncate
+@dataclass(frozen=True)
+class WeightDecompose:
+    """LyCORIS DoRA (``dora_scale``) on the current weight: see ``dora_kohya``. ``delta`` is the
+    multiplier-free delta shaped like the weight's 2-D view, ``scale`` the stored norms."""
+
+    delta: torch.Tensor
+    scale: torch.Tensor
+    multiplier: float
+
+
+Update = LoraDelta | AddDelta | SetRows | ExpertDelta | SvdTruncate | WeightDecompose
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -189,6 +200,8 @@ def _apply_dense(
             current += u.full().reshape(current.shape)
         elif isinstance(u, SvdTruncate):
             current = u.apply(current)
+        elif isinstance(u, WeightDecompose):
+            current = dora_kohya(current, u.delta, u.scale, u.multiplier)
         else:
             current[u.indices] = u.values.reshape(-1, current.shape[1]).to(torch.float32)
     return current.to(out_dtype)

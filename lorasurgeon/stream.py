@@ -33,7 +33,8 @@ def _inputs(t: TensorPlan) -> list[TensorInfo]:
     needed = [t.start]
     for c in t.deltas:
         if c.update is not None:
-            needed += [info for info in c.update.factors.values() if info not in needed]
+            parts = [*c.update.factors.values(), c.update.dora_scale]
+            needed += [info for info in parts if info is not None and info not in needed]
         elif c.lora is not None:
             needed += [c.lora.lora_a, c.lora.lora_b]
             if c.lora.diag is not None:

@@ -496,3 +496,50 @@ def test_text_options_with_peft_adapters_are_usage_errors(
         "--skip-text-encoder",
     )
     assert code == 2 and "apply to diffusion LoRA files only" in err
+
+
+@pytest.mark.parametrize("axis", ["output", "input"])
+def test_kohya_dora_follows_the_weight_decompose_formula(
+    models: dict[str, TinySD], tmp_path: Path, axis: str
+) -> None:
+    """LyCORIS DoRA (dora_scale): W + m·(g·(W + sΔ)/‖W + sΔ‖ − W), the norm per output row
+    (LyCORIS ≥ 3.1.1) or per input column (older files), spec §1.5. diffusers drops
+    dora_scale, so the formula, in float64, is the oracle."""
+    model = models["sd1"]
+    base = save_ldm(model, tmp_path / "base.safetensors")
+    state = load_file(str(base))
+    gen = torch.Generator().manual_seed(2)
+    modules = {
+        "down_blocks_2_resnets_0_conv1": "input_blocks.7.0.in_layers.2",
+        "down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_v": (
+            "input_blocks.1.1.transformer_blocks.0.attn2.to_v"
+        ),
+    }
+    lora, expected = {}, {}
+    for module, path in modules.items():
+        w = state[f"model.diffusion_model.{path}.weight"].double()
+        down = torch.randn(4, *w.shape[1:], generator=gen) * 0.1
+        up = torch.randn(w.shape[0], 4, *([1] * (w.dim() - 2)), generator=gen) * 0.1
+        g_shape = (w.shape[0], *([1] * (w.dim() - 1))) if axis == "output" else (1, *w.shape[1:])
+        g = torch.rand(*g_shape, generator=gen) + 0.5
+        lora |= {
+            f"lora_unet_{module}.lora_down.weight": down,
+            f"lora_unet_{module}.lora_up.weight": up,
+            f"lora_unet_{module}.alpha": torch.tensor(2.0),
+            f"lora_unet_{module}.dora_scale": g,
+        }
+        merged = w + 0.5 * (up.double().flatten(1) @ down.double().flatten(1)).reshape(w.shape)
+        flat = merged.reshape(w.shape[0], -1)
+        norm = (
+            flat.norm(dim=1).reshape(g_shape)
+            if axis == "output"
+            else flat.norm(dim=0).reshape(g_shape)
+        )
+        expected[f"model.diffusion_model.{path}.weight"] = (
+            w + 0.7 * (g.double() * merged / norm - w)
+        ).float()
+    save_file(lora, str(tmp_path / "dora.safetensors"))
+    lorasurgeon.merge(
+        base, [tmp_path / "dora.safetensors"], tmp_path / "out.safetensors", weights=[0.7]
+    )
+    assert_merged(tmp_path / "out.safetensors", base, expected, atol=2e-6)
