@@ -543,3 +543,65 @@ def test_kohya_dora_follows_the_weight_decompose_formula(
         base, [tmp_path / "dora.safetensors"], tmp_path / "out.safetensors", weights=[0.7]
     )
     assert_merged(tmp_path / "out.safetensors", base, expected, atol=2e-6)
+
+
+def test_flux_kohya_file_into_a_diffusers_transformer_splits_fused_deltas(
+    flux: nn.Module, tmp_path: Path
+) -> None:
+    """A kohya FLUX LoRA on fused qkv/linear1 merged into a diffusers FLUX transformer file:
+    the fused delta's rows are split over to_q/to_k/to_v(/proj_mlp), i.e. the merged BFL
+    weights (formula, float64) read back through the BFL layout equal our output."""
+    state = {k: v.detach().clone() for k, v in flux.state_dict().items()}
+    save_file(state, str(tmp_path / "flux-diffusers.safetensors"))
+    bfl = bfl_state(state)
+    gen = torch.Generator().manual_seed(3)
+    lora, merged_bfl = {}, {k: v.double() for k, v in bfl.items()}
+    for name in (
+        "double_blocks.0.txt_attn.qkv",
+        "single_blocks.1.linear1",
+        "final_layer.adaLN_modulation.1",
+    ):
+        w = bfl[name + ".weight"]
+        a, b = torch.randn(2, w.shape[1], generator=gen), torch.randn(w.shape[0], 2, generator=gen)
+        kohya = "lora_unet_" + name.replace(".", "_")
+        lora |= {
+            f"{kohya}.lora_down.weight": a,
+            f"{kohya}.lora_up.weight": b,
+            f"{kohya}.alpha": torch.tensor(1.0),
+        }
+        merged_bfl[name + ".weight"] += 0.8 * 0.5 * (b.double() @ a.double())
+    save_file(lora, str(tmp_path / "kohya.safetensors"))
+    out = tmp_path / "out.safetensors"
+    lorasurgeon.merge(
+        tmp_path / "flux-diffusers.safetensors",
+        [tmp_path / "kohya.safetensors"],
+        out,
+        weights=[0.8],
+    )
+    got = bfl_state(load_file(str(out)))
+    worst = max((got[k].double() - v).abs().max().item() for k, v in merged_bfl.items())
+    assert worst <= 1e-6
+    original = load_file(str(tmp_path / "flux-diffusers.safetensors"))
+    changed = [k for k, v in load_file(str(out)).items() if not torch.equal(v, original[k])]
+    assert len(changed) == 3 + 4 + 1  # add_q/k/v_proj; to_q/k/v + proj_mlp; norm_out.linear
+
+
+def test_old_diffusers_file_from_diffusers_own_kohya_conversion(
+    models: dict[str, TinySD], tmp_path: Path
+) -> None:
+    """diffusers' kohya converter writes the old attention-processor spelling (spec V12) with
+    its alphas as ``….alpha`` / ``….down.weight.alpha`` entries; that file merges like the
+    kohya file it came from, which equals diffusers' fuse_lora (one alpha)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_lora_to_diffusers
+
+    model = models["sd1"]
+    base = save_ldm(model, tmp_path / "base.safetensors")
+    kohya = write_kohya(tmp_path / "kohya.safetensors", _sd_modules(model), rank=4, alpha=2.0)
+    converted, alphas = _convert_non_diffusers_lora_to_diffusers(load_file(str(kohya)))
+    assert any(".processor.to_q_lora.down.weight" in k for k in converted)
+    stored = converted | {k: torch.tensor(v) for k, v in alphas.items()}
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(tmp_path / "old.safetensors"))
+    lorasurgeon.merge(
+        base, [tmp_path / "old.safetensors"], tmp_path / "out.safetensors", weights=[0.6]
+    )
+    assert_merged(tmp_path / "out.safetensors", base, diffusers_fused_ldm(model, kohya, 0.6))
