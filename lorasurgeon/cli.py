@@ -262,8 +262,8 @@ def merge(
     first), VeLoRA, MonteCLoRA and BD-LoRA adapters.
 
     ADAPTERs may also be diffusion LoRA files (kohya/A1111 LoRA, LoCon, LoHa, LoKr;
-    diffusers) merged into an SD 1.x/2.x, SDXL or FLUX BASE (LDM single file, UNet/DiT-only
-    file or folder, FLUX file) as sd-scripts' merge_lora.py does; --weight is then the
+    diffusers) merged into an SD 1.x/2.x, SDXL or FLUX BASE (LDM single file, diffusers
+    folder, UNet/DiT-only file, FLUX file) as sd-scripts' merge_lora.py does; --weight is then the
     UNet/transformer strength and --te-weight the text-encoder strength.
 
     \b

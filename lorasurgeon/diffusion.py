@@ -27,9 +27,10 @@ def is_lora_file(path: Path) -> bool:
 
 @dataclass(frozen=True)
 class DiffusionChanges:
-    """Base tensor name -> its changes in LoRA order; text-encoder modules left out per LoRA."""
+    """(checkpoint file, tensor name) -> its changes in LoRA order; text-encoder modules left
+    out per LoRA."""
 
-    per_tensor: Mapping[str, list[Change]]
+    per_tensor: Mapping[tuple[Path, str], list[Change]]
     skipped_text: tuple[int, ...]
 
 
@@ -51,20 +52,22 @@ def refuse_float8(where: Path, tensors: Mapping[str, TensorInfo]) -> None:
 
 def _piece_changes(
     index: int, update: ModuleUpdate, target: Target, scaling: float, lora: Path
-) -> list[tuple[str, Change]]:
-    changes: list[tuple[str, Change]] = []
+) -> list[tuple[tuple[Path, str], Change]]:
+    changes: list[tuple[tuple[Path, str], Change]] = []
     bias_parts = [p for p in _BIAS_PARTS if p in update.factors]
     weight_parts = [p for p in update.factors if p not in _BIAS_PARTS]
     for piece in target.pieces:
         if weight_parts:
-            changes.append((piece.tensor, _change(index, update, piece, scaling, bias=False)))
+            change = _change(index, update, piece, scaling, bias=False)
+            changes.append(((piece.checkpoint, piece.tensor), change))
         if bias_parts:
             if piece.bias is None or piece.weight_rows is not None:
                 raise IncompatibleError(
                     f"has a bias update but base module {target.module} has no bias of its own",
                     path=lora, tensor=update.source, hint="was this LoRA made for another model?",
                 )  # fmt: skip
-            changes.append((piece.bias, _change(index, update, piece, scaling, bias=True)))
+            change = _change(index, update, piece, scaling, bias=True)
+            changes.append(((piece.checkpoint, piece.bias), change))
     return changes
 
 
@@ -122,7 +125,7 @@ def diffusion_changes(
         AdapterError: a DoRA (``dora_scale``) module on a slice of a tensor or with a scale of
             the wrong size, or DoRA with ``unmerge``.
     """
-    per_tensor: dict[str, list[Change]] = {}
+    per_tensor: dict[tuple[Path, str], list[Change]] = {}
     skipped = []
     sign = -1.0 if unmerge else 1.0
     order = range(len(loras) - 1, -1, -1) if unmerge else range(len(loras))
@@ -130,7 +133,7 @@ def diffusion_changes(
         lora = loras[i]
         resolution = resolve_updates(layout, lora, skip_text_encoder=skip_text_encoder)
         skipped.append(len(resolution.skipped_text))
-        seen: dict[tuple[str, tuple[int, int] | None], str] = {}
+        seen: dict[tuple[Path, str, tuple[int, int] | None], str] = {}
         for update, target in resolution.matched:
             weight = text_weights[i] if update.component.is_text_encoder else unet_weights[i]
             if update.dora_scale is not None:
@@ -138,7 +141,7 @@ def diffusion_changes(
             if weight == 0:
                 continue
             for piece in target.pieces:
-                key = (piece.tensor, piece.weight_rows)
+                key = (piece.checkpoint, piece.tensor, piece.weight_rows)
                 if key in seen:
                     raise IncompatibleError(
                         f"targets {piece.tensor} like module {seen[key]} of the same file",

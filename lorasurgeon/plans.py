@@ -101,6 +101,10 @@ class MergePlan:
     side_files: tuple[tuple[str, Path], ...] = ()
     config_text: str | None = None
     notes: tuple[str, ...] = ()
+    # A diffusers pipeline folder: one plan per merged component (written to that
+    # subdirectory) and the folder's other entries, copied unchanged.
+    components: tuple[tuple[str, MergePlan], ...] = ()
+    copied_entries: tuple[tuple[str, Path], ...] = ()
 
     @property
     def changes(self) -> dict[str, list[str]]:

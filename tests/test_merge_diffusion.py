@@ -605,3 +605,69 @@ def test_old_diffusers_file_from_diffusers_own_kohya_conversion(
         base, [tmp_path / "old.safetensors"], tmp_path / "out.safetensors", weights=[0.6]
     )
     assert_merged(tmp_path / "out.safetensors", base, diffusers_fused_ldm(model, kohya, 0.6))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_diffusers_folder_merged_component_by_component(
+    models: dict[str, TinySD], tmp_path: Path, family: str
+) -> None:
+    """A diffusers pipeline folder: unet/ and each text encoder merged (fp16 variant files
+    chosen when they are the only ones), everything else (vae/, model_index.json) copied byte
+    for byte, the same layout out as in; equal to diffusers' fuse_lora."""
+    from tests.sd_models import save_diffusers
+
+    model = models[family]
+    base = save_diffusers(model, tmp_path / "base")
+    lora = write_kohya(tmp_path / "lora.safetensors", _sd_modules(model))
+    out = tmp_path / "out"
+    lorasurgeon.merge(base, [lora], out, weights=[0.6])
+    pipe = _pipeline(model)
+    pipe.load_lora_weights(str(lora))
+    pipe.fuse_lora(lora_scale=0.6)
+    pipe.unload_lora_weights()
+    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    if family == "sdxl":
+        parts["text_encoder_2"] = pipe.text_encoder_2
+    for name, module in parts.items():
+        file = "diffusion_pytorch_model.safetensors" if name == "unet" else "model.safetensors"
+        got, expected = load_file(str(out / name / file)), module.state_dict()
+        assert set(got) == set(expected)
+        worst = max((got[k] - expected[k]).abs().max().item() for k in got)
+        assert worst <= 1e-6, (name, worst)
+        assert (out / name / "config.json").read_bytes() == (
+            base / name / "config.json"
+        ).read_bytes()
+    for path in (base / "vae").iterdir():
+        assert (out / "vae" / path.name).read_bytes() == path.read_bytes()
+    assert (out / "model_index.json").read_bytes() == (base / "model_index.json").read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_diffusers_folder_failure_leaves_nothing(
+    models: dict[str, TinySD], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure after the components are written (here: copying vae/) leaves no OUT and no
+    staging directory; an existing OUT with overwrite stays as it was."""
+    import sys
+
+    from tests.sd_models import save_diffusers
+
+    merge_module = sys.modules["lorasurgeon.merge"]  # the package exports the function merge
+
+    model = models["sd1"]
+    base = save_diffusers(model, tmp_path / "base")
+    lora = write_kohya(tmp_path / "lora.safetensors", _sd_modules(model))
+
+    def fail(source: Path, target: Path, out: Path) -> None:
+        raise lorasurgeon.OutputError("disk full", path=out)
+
+    monkeypatch.setattr(merge_module, "_copy_entry", fail)
+    with pytest.raises(lorasurgeon.OutputError):
+        lorasurgeon.merge(base, [lora], tmp_path / "out", weights=[0.6])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "lora.safetensors"]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("old")
+    with pytest.raises(lorasurgeon.OutputError):
+        lorasurgeon.merge(base, [lora], tmp_path / "out", weights=[0.6], overwrite=True)
+    assert (tmp_path / "out" / "keep").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "lora.safetensors", "out"]
