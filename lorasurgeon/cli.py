@@ -104,10 +104,12 @@ def _dtype_option(help_text: str) -> Callable[[F], F]:
     )  # fmt: skip
 
 
-def _check_weights(weights: Sequence[float], adapters: Sequence[str]) -> None:
+def _check_weights(
+    weights: Sequence[float], adapters: Sequence[str], option: str = "--weight"
+) -> None:
     if weights and len(weights) != len(adapters):
         raise click.UsageError(
-            f"--weight was given {len(weights)} times for {len(adapters)} adapters; "
+            f"{option} was given {len(weights)} times for {len(adapters)} adapters; "
             "give it once per adapter, in order"
         )
 
@@ -249,6 +251,19 @@ def cli(_debug: bool) -> None:
     metavar="W",
     help="Scale of each adapter's update, once per adapter, in order [default: 1.0].",
 )
+@click.option(
+    "--te-weight",
+    "te_weights",
+    multiple=True,
+    type=float,
+    metavar="W",
+    help="Diffusion LoRA files: text-encoder strength of each LoRA, in order [default: --weight].",
+)
+@click.option(
+    "--skip-text-encoder",
+    is_flag=True,
+    help="Diffusion LoRA files: leave out text-encoder modules the base has no text encoder for.",
+)
 @click.option("--unmerge", is_flag=True, help="Subtract the updates instead (undo a merge).")
 @_dtype_option("Output dtype of floating-point tensors; auto keeps each tensor's dtype.")
 @click.option(
@@ -261,7 +276,8 @@ def cli(_debug: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Print which tensors would change; write nothing.")
 @_compute_options
 def merge(
-    base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...], unmerge: bool,
+    base: str, adapters: tuple[str, ...], out: str, weights: tuple[float, ...],
+    te_weights: tuple[float, ...], skip_text_encoder: bool, unmerge: bool,
     dtype: str, max_shard_size: int | None, fan_in_fan_out: str | None, overwrite: bool,
     dry_run: bool, device: str, quiet: bool, debug: bool,
 ) -> None:  # fmt: skip
@@ -274,16 +290,26 @@ def merge(
     nn.MultiheadAttention (out_proj delta added twice, as PEFT does), KaSA (base SVD-truncated
     first), VeLoRA, MonteCLoRA and BD-LoRA adapters.
 
+    ADAPTERs may also be diffusion LoRA files (kohya/A1111 LoRA, LoCon, LoHa, LoKr;
+    diffusers) merged into an SD 1.x/2.x, SDXL or FLUX BASE (LDM single file, diffusers
+    folder, UNet/DiT-only file, FLUX file) as sd-scripts' merge_lora.py does; --weight is then the
+    UNet/transformer strength and --te-weight the text-encoder strength.
+
     \b
     Examples:
       lorasurgeon merge fixtures/base fixtures/adapter -o merged
       lorasurgeon merge base/ style/ subject/ --weight 0.7 --weight 0.4 -o mixed
       lorasurgeon merge merged/ fixtures/adapter --unmerge -o restored
+      lorasurgeon merge sdxl.safetensors style.safetensors --weight 0.8 -o sdxl-style.safetensors
     """
     _check_weights(weights, adapters)
+    if te_weights:
+        _check_weights(te_weights, adapters, "--te-weight")
     options = dict(weights=list(weights) or None, unmerge=unmerge, dtype=dtype,
                    max_shard_size=max_shard_size,
-                   fan_in_fan_out=_fan_in_fan_out(fan_in_fan_out))  # fmt: skip
+                   fan_in_fan_out=_fan_in_fan_out(fan_in_fan_out),
+                   te_weights=list(te_weights) or None,
+                   skip_text_encoder=skip_text_encoder)  # fmt: skip
     if dry_run:
         plan = api.plan_merge(base, adapters, out, **options)  # type: ignore[arg-type]
         _echo(render.merge_plan_lines(plan), err=False)

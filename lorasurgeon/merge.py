@@ -7,9 +7,12 @@ written at their planned offsets, while the next ones are being read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import secrets
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,8 +20,11 @@ from pathlib import Path
 
 from . import engine
 from .adapters import Adapter, LoraModule, open_adapter
+from .diffusion import diffusion_changes, is_lora_file, refuse_float8
 from .dtypes import COMPUTE_DTYPES, DTYPES, DType
-from .errors import AdapterError, IncompatibleError, OptionError
+from .errors import AdapterError, IncompatibleError, OptionError, OutputError
+from .formats import read_lora
+from .layouts import open_layout
 from .locations import Location, Role, resolve
 from .options import check_finite
 from .plans import STARTING_KINDS, Change, ChangeKind, MergePlan, TensorPlan
@@ -31,6 +37,7 @@ from .reader import (
 )
 from .targets import INPUT_EMBEDDING_NAMES, OUTPUT_EMBEDDING_NAMES, Layout, LayoutRules
 from .writer import (
+    OutputLayout,
     OutputTensor,
     parse_size,
     plan_layout,
@@ -423,6 +430,8 @@ def plan_merge(
     dtype: str = "auto",
     max_shard_size: int | str | None = None,
     fan_in_fan_out: Sequence[str] | str | None = None,
+    te_weights: Sequence[float] | None = None,
+    skip_text_encoder: bool = False,
 ) -> MergePlan:
     """Work out a merge from headers alone; nothing is computed or written.
 
@@ -441,6 +450,23 @@ def plan_merge(
     output_is_file = base_loc.path.is_file()
     if output_is_file and shard_limit is not None:
         raise OptionError("--max-shard-size needs a base directory (the output is one file)")
+    lora_files = [is_lora_file(loc.path) for loc in adapter_locs]
+    if any(lora_files):
+        if not all(lora_files) or fan_in_fan_out is not None:
+            raise OptionError(
+                "diffusion LoRA files (.safetensors) cannot be merged together with PEFT "
+                "adapter directories or --fan-in-fan-out; merge them in separate runs"
+            )
+        text = _normalize_text_weights(te_weights, weights_t)
+        return _plan_diffusion(
+            base_loc, adapter_locs, weights_t, text, out, unmerge=unmerge, dtype=dtype_code,
+            shard_limit=shard_limit, skip_text_encoder=skip_text_encoder,
+        )  # fmt: skip
+    if te_weights is not None or skip_text_encoder:
+        raise OptionError(
+            "--te-weight and --skip-text-encoder apply to diffusion LoRA files only",
+            hint="PEFT adapters have one --weight each",
+        )
     config = read_config(base_loc.path)
     model_type = config.get("model_type")
     layouts = LayoutRules.from_config(config, fan_in_fan_out)
@@ -466,6 +492,146 @@ def plan_merge(
     return MergePlan(
         base_loc, adapter_locs, weights_t, unmerge, tensors, layout, output_is_file,
         tuple(files), _config_text(base_loc, dtype_code), notes,
+    )  # fmt: skip
+
+
+def _normalize_text_weights(
+    te_weights: Sequence[float] | None, weights: tuple[float, ...]
+) -> tuple[float, ...]:
+    if te_weights is None:
+        return weights  # the WebUI's <lora:name:W>: one strength for both
+    if len(te_weights) != len(weights):
+        raise OptionError(f"{len(te_weights)} text-encoder weights given for {len(weights)} LoRAs")
+    for w in te_weights:
+        check_finite("--te-weight", w)
+    return tuple(float(w) for w in te_weights)
+
+
+def _plan_diffusion(
+    base: Location,
+    loras: tuple[Location, ...],
+    weights: tuple[float, ...],
+    text_weights: tuple[float, ...],
+    out: str | os.PathLike[str] | None,
+    *,
+    unmerge: bool,
+    dtype: str | None,
+    shard_limit: int | None,
+    skip_text_encoder: bool,
+) -> MergePlan:
+    """The merge of diffusion LoRA files: the layouts and formats modules match each update
+    to its base tensor(s); each checkpoint (the base file, or each component of a diffusers
+    folder) is then planned as for adapters."""
+    layout = open_layout(base.path)
+    read = [read_lora(loc.path) for loc in loras]
+    found = diffusion_changes(layout, read, weights, text_weights, unmerge=unmerge,
+                              skip_text_encoder=skip_text_encoder)  # fmt: skip
+    notes = tuple(
+        f"{loc}: {n} text-encoder module(s) left out (--skip-text-encoder)"
+        for loc, n in zip(loras, found.skipped_text, strict=True)
+        if n
+    )
+    plan = dict(loras=loras, weights=weights, unmerge=unmerge, found=found.per_tensor,
+                dtype=dtype, shard_limit=shard_limit)  # fmt: skip
+    if "" in layout.checkpoints:
+        single = _checkpoint_plan(base, layout.checkpoints[""], out, **plan)  # type: ignore[arg-type]
+        return dataclasses.replace(single, notes=notes + single.notes)
+    components = []
+    for name, file in layout.checkpoints.items():
+        sub = _checkpoint_plan(Location(str(file.parent), file.parent), file, None, **plan)  # type: ignore[arg-type]
+        if not all(t.copied for t in sub.tensors):
+            components.append((name, sub))
+    return _folder_plan(base, loras, weights, unmerge, tuple(components), notes)
+
+
+def _checkpoint_plan(
+    base: Location,
+    file: Path,
+    out: str | os.PathLike[str] | None,
+    *,
+    loras: tuple[Location, ...],
+    weights: tuple[float, ...],
+    unmerge: bool,
+    found: Mapping[tuple[Path, str], list[Change]],
+    dtype: str | None,
+    shard_limit: int | None,
+) -> MergePlan:
+    """One checkpoint of a diffusion merge: every tensor with its changes, its output layout,
+    and its directory's other files (other weight files are left out, with a note)."""
+    with open_checkpoint(file) as checkpoint:
+        refuse_float8(file, checkpoint.tensors)
+        tensors = []
+        for info in checkpoint.tensors.values():
+            changes = tuple(found.get((file, info.name), ()))
+            out_dtype = _output_dtype(info, dtype, bool(changes), file)
+            tensors.append(TensorPlan(info.name, info, out_dtype, changes))
+        output_is_file = base.path.is_file()
+        out_name = Path(out).name if out is not None and output_is_file else None
+        planned = [OutputTensor(t.name, t.dtype, t.base.shape) for t in tensors]
+        layout = plan_layout(checkpoint, planned, max_shard_size=shard_limit, file_name=out_name)
+        own = {s.path.name for s in checkpoint.shards} | (
+            {checkpoint.index_path.name} if checkpoint.index_path else set()
+        )
+    files, skipped = _directory_files(base.path, own) if not output_is_file else ([], [])
+    notes: tuple[str, ...] = ()
+    if skipped:
+        notes = (f"not copied (weights that the merge does not cover): {', '.join(skipped)}",)
+    return MergePlan(
+        base, loras, weights, unmerge, tuple(tensors), layout, output_is_file, tuple(files),
+        _config_text(base, dtype), notes,
+    )  # fmt: skip
+
+
+def _directory_files(directory: Path, own: set[str]) -> tuple[list[tuple[str, Path]], list[str]]:
+    """The files of a checkpoint directory besides its weights ``own``; other weight files
+    (another variant, pickles) are listed apart: copied unchanged they would be stale."""
+    files: list[tuple[str, Path]] = []
+    skipped: list[str] = []
+    for path in sorted(directory.rglob("*")):
+        relative = path.relative_to(directory)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        if path.name in own:
+            continue
+        if path.name.endswith((".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".index.json")) or (
+            ".safetensors.index." in path.name
+        ):
+            skipped.append(str(directory.name / relative))
+        else:
+            files.append((str(relative), path))
+    return files, skipped
+
+
+def _folder_plan(
+    base: Location,
+    loras: tuple[Location, ...],
+    weights: tuple[float, ...],
+    unmerge: bool,
+    components: tuple[tuple[str, MergePlan], ...],
+    notes: tuple[str, ...],
+) -> MergePlan:
+    """A diffusers folder: the merged components, and every other entry copied unchanged.
+    ``tensors`` and ``layout`` name the components' tensors and files as ``component/…``."""
+    merged = {name for name, _ in components}
+    entries = tuple(
+        (p.name, p)
+        for p in sorted(base.path.iterdir())
+        if not p.name.startswith(".") and p.name not in merged
+    )
+    tensors = tuple(
+        dataclasses.replace(t, name=f"{name}/{t.name}")
+        for name, sub in components
+        for t in sub.tensors
+    )
+    shards = tuple(
+        dataclasses.replace(s, filename=f"{name}/{s.filename}")
+        for name, sub in components
+        for s in sub.layout.shards
+    )
+    notes += tuple(n for _, sub in components for n in sub.notes)
+    return MergePlan(
+        base, loras, weights, unmerge, tensors, OutputLayout(shards), False, (), None, notes,
+        components, entries,
     )  # fmt: skip
 
 
@@ -521,6 +687,55 @@ def _output(plan: MergePlan, out: Path) -> engine.Output:
     return engine.Output(out, plan.layout, copies, files, texts)
 
 
+def _write_folder(
+    plan: MergePlan,
+    out: Path,
+    device: str,
+    *,
+    overwrite: bool,
+    progress: ProgressCallback | None,
+) -> int:
+    """A diffusers folder: each merged component written by the engine into a staging
+    directory beside ``out``, every other entry copied byte for byte, then the staging
+    directory renamed to ``out`` (the old ``out`` removed only after that). Nothing is left
+    behind on failure."""
+    from .stream import computed_tensors
+
+    staging = out.parent / f".{out.name}.partial-{secrets.token_hex(6)}"
+    old = out.parent / f".{out.name}.old-{secrets.token_hex(6)}"
+    written = 0
+    try:
+        staging.mkdir()
+        for name, sub in plan.components:
+            written += engine.run(_output(sub, staging / name), computed_tensors(sub, device),
+                                  overwrite=False, progress=progress)  # fmt: skip
+        for name, source in plan.copied_entries:
+            _copy_entry(source, staging / name, out)
+        moved = out.exists() and overwrite
+        if moved:
+            out.rename(old)
+        try:
+            staging.rename(out)
+        except BaseException:
+            if moved:
+                old.rename(out)  # the old output stays in place
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return written
+
+
+def _copy_entry(source: Path, target: Path, out: Path) -> None:
+    try:
+        if source.is_dir():
+            shutil.copytree(source, target, copy_function=shutil.copyfile)
+        else:
+            shutil.copyfile(source, target)
+    except OSError as e:
+        raise OutputError(f"cannot write ({e.strerror})", path=out, tensor=source.name) from e
+
+
 def merge(
     base: str | os.PathLike[str],
     adapters: Sequence[str | os.PathLike[str]],
@@ -531,6 +746,8 @@ def merge(
     dtype: str = "auto",
     max_shard_size: int | str | None = None,
     fan_in_fan_out: Sequence[str] | str | None = None,
+    te_weights: Sequence[float] | None = None,
+    skip_text_encoder: bool = False,
     overwrite: bool = False,
     device: str = "auto",
     progress: ProgressCallback | None = None,
@@ -545,7 +762,11 @@ def merge(
 
     Args:
         base: a checkpoint directory, a ``.safetensors`` file, or a Hub repo id.
-        adapters: PEFT adapter directories or Hub repo ids, merged in order.
+        adapters: PEFT adapter directories or Hub repo ids, merged in order; or diffusion
+            LoRA files (kohya/A1111, LyCORIS, diffusers ``.safetensors``) merged into an SD
+            1.x/2.x, SDXL or FLUX base (LDM/SGM single file, diffusers folder, UNet/DiT-only
+            file or component directory, FLUX BFL file) as sd-scripts' ``merge_lora.py`` does:
+            ``W + Σ m·(α/r)·Δ`` in float32, rounded once.
         out: the output directory (a file when ``base`` is a file).
         weights: one factor per adapter (default 1.0 each).
         unmerge: subtract the deltas instead (undo a merge); refused for DoRA and for
@@ -557,6 +778,11 @@ def merge(
             ``"none"``, or module names (PEFT's suffix rule; the others are ``nn.Linear``).
             Needed only where the base has no config.json and a weight is square; a
             config.json's ``model_type`` decides otherwise, and a contradiction is an error.
+        te_weights: diffusion LoRA files only: each LoRA's text-encoder strength (the
+            WebUI's ``<lora:name:TE:UNET>``); ``weights`` is then the UNet/transformer
+            strength. Default: the same as ``weights``.
+        skip_text_encoder: diffusion LoRA files only: leave out text-encoder modules whose
+            text encoder the base does not have (counted in the notes) instead of refusing.
         overwrite: replace an existing ``out`` (the old one is removed only after success).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         progress: called with (bytes done, bytes total) as the output is written.
@@ -567,7 +793,8 @@ def merge(
     started = time.monotonic()
     plan = plan_merge(
         base, adapters, out, weights=weights, unmerge=unmerge, dtype=dtype,
-        max_shard_size=max_shard_size, fan_in_fan_out=fan_in_fan_out,
+        max_shard_size=max_shard_size, fan_in_fan_out=fan_in_fan_out, te_weights=te_weights,
+        skip_text_encoder=skip_text_encoder,
     )  # fmt: skip
     inputs = [plan.base.path, *(a.path for a in plan.adapters)]
     out_path = engine.check_output(out, inputs, overwrite=overwrite)
@@ -579,10 +806,13 @@ def merge(
         logger.warning(note)
     from .stream import computed_tensors  # imports torch lazily: kept out of planning
 
-    written = engine.run(
-        _output(plan, out_path), computed_tensors(plan, device), overwrite=overwrite,
-        progress=progress,
-    )  # fmt: skip
+    if plan.components:
+        written = _write_folder(plan, out_path, device, overwrite=overwrite, progress=progress)
+    else:
+        written = engine.run(
+            _output(plan, out_path), computed_tensors(plan, device), overwrite=overwrite,
+            progress=progress,
+        )  # fmt: skip
     changed = sum(1 for t in plan.tensors if not t.copied)
     return MergeReport(
         out_path, len(plan.tensors), changed, len(plan.tensors) - changed, written,

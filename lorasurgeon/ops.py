@@ -17,7 +17,8 @@ from .errors import OptionError
 from .options import CombineMethod, MajoritySign
 
 __all__ = [
-    "AddDelta", "ExpertDelta", "LoraDelta", "SetRows", "SvdTruncate", "Update", "all_finite",
+    "AddDelta", "ExpertDelta", "LoraDelta", "SetRows", "SvdTruncate", "Update", "WeightDecompose",
+    "all_finite",
     "apply_updates", "block_diagonal", "resolve_device",
 ]  # fmt: skip
 
@@ -123,7 +124,17 @@ def block_diagonal(blocks: torch.Tensor, count: int) -> torch.Tensor:
     return out
 
 
-Update = LoraDelta | AddDelta | SetRows | ExpertDelta | SvdTruncate
+@dataclass(frozen=True)
+class WeightDecompose:
+    """LyCORIS DoRA (``dora_scale``) on the current weight: see ``dora_kohya``. ``delta`` is the
+    multiplier-free delta shaped like the weight's 2-D view, ``scale`` the stored norms."""
+
+    delta: torch.Tensor
+    scale: torch.Tensor
+    multiplier: float
+
+
+Update = LoraDelta | AddDelta | SetRows | ExpertDelta | SvdTruncate | WeightDecompose
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -189,6 +200,8 @@ def _apply_dense(
             current += u.full().reshape(current.shape)
         elif isinstance(u, SvdTruncate):
             current = u.apply(current)
+        elif isinstance(u, WeightDecompose):
+            current = dora_kohya(current, u.delta, u.scale, u.multiplier)
         else:
             current[u.indices] = u.values.reshape(-1, current.shape[1]).to(torch.float32)
     return current.to(out_dtype)
@@ -353,3 +366,130 @@ def pad_rank(a: torch.Tensor, b: torch.Tensor, rank: int) -> tuple[torch.Tensor,
     a = torch.cat([a, a.new_zeros(rank - k, *a.shape[1:])], dim=0)
     b = torch.cat([b, b.new_zeros(b.shape[0], rank - k, *b.shape[2:])], dim=1)
     return a, b
+
+
+# ---------------------------------------------------------------------------------------------
+# LyCORIS deltas (shared/spec/sd-lora.md §4): dense float32 deltas shaped like the target weight
+
+__all__ += ["dora_kohya", "loha_delta", "lokr_delta", "tucker_delta", "tucker_rebuild"]
+
+
+def tucker_rebuild(core: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """A Tucker-factored kernel: ``T[p, q, h, w] = Σ_ij core[i, j, h, w] · wa[i, p] · wb[j, q]``.
+
+    ``core``: (r, r, kh, kw), ``wa``: (r, out), ``wb``: (r, in); returns (out, in, kh, kw)
+    (LyCORIS' ``rebuild_tucker``, einsum ``"ijkl,ip,jr->prkl"``).
+    """
+    return torch.einsum("ijkl,ip,jr->prkl", core.float(), wa.float(), wb.float()).contiguous()
+
+
+def tucker_delta(
+    down: torch.Tensor, mid: torch.Tensor, up: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """LoCon with Tucker: ``Δ = scaling · einsum("mnkl,im,nj->ijkl", mid, up₂ᴰ, down₂ᴰ)``.
+
+    ``down``: (r, in, 1, 1), ``mid``: (r, r, kh, kw), ``up``: (out, r, 1, 1); returns
+    (out, in, kh, kw). The chain down 1×1 → mid k×k → up 1×1 is this one k×k conv (spec V11).
+    """
+    up2d = up.reshape(up.shape[0], -1).float()
+    down2d = down.reshape(down.shape[0], -1).float()
+    return tucker_rebuild(mid, up2d.t(), down2d).mul_(scaling)
+
+
+def loha_delta(
+    w1a: torch.Tensor,
+    w1b: torch.Tensor,
+    w2a: torch.Tensor,
+    w2b: torch.Tensor,
+    scaling: float,
+    shape: Sequence[int],
+    *,
+    t1: torch.Tensor | None = None,
+    t2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LoHa (Hadamard product of two low-rank matrices), laid out as ``shape``.
+
+    Plain: ``Δ = scaling · (w1a @ w1b) ⊙ (w2a @ w2b)``, ``w?a``: (out, r), ``w?b``:
+    (r, in·kh·kw). Tucker (convs): ``Δ = scaling · T1 ⊙ T2`` with
+    ``Ti = tucker_rebuild(ti, w?a, w?b)``, ``ti``: (r, r, kh, kw), ``w?a``: (r, out),
+    ``w?b``: (r, in). Matches PEFT's LoHa ``get_delta_weight`` and LyCORIS' ``loha.diff_weight``.
+    """
+    if t1 is not None and t2 is not None:
+        product = tucker_rebuild(t1, w1a, w1b) * tucker_rebuild(t2, w2a, w2b)
+    else:
+        left = w1a.float() @ w1b.float().reshape(w1b.shape[0], -1)
+        right = w2a.float() @ w2b.float().reshape(w2b.shape[0], -1)
+        product = left * right
+    return product.reshape(tuple(shape)).mul_(scaling)
+
+
+def _lokr_half(
+    full: torch.Tensor | None,
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
+    tucker: torch.Tensor | None,
+) -> torch.Tensor:
+    if full is not None:
+        return full.float()
+    assert a is not None and b is not None  # the format reader guarantees a pair
+    if tucker is not None:
+        return tucker_rebuild(tucker, a, b)
+    product = a.float() @ b.float().reshape(b.shape[0], -1)
+    return product.reshape(a.shape[0], *b.shape[1:])
+
+
+def lokr_delta(
+    shape: Sequence[int],
+    scaling: float,
+    *,
+    w1: torch.Tensor | None = None,
+    w1a: torch.Tensor | None = None,
+    w1b: torch.Tensor | None = None,
+    w2: torch.Tensor | None = None,
+    w2a: torch.Tensor | None = None,
+    w2b: torch.Tensor | None = None,
+    t2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LoKr: ``Δ = scaling · kron(W1, W2)``, laid out as ``shape`` (a·b, c·d[, kh, kw]).
+
+    ``W1`` is ``w1`` (a, c) or ``w1a @ w1b`` ((a, r) @ (r, c)). ``W2`` is ``w2``
+    (b, d[, kh, kw]), ``w2a @ w2b`` ((b, r) @ (r, d·kh·kw)), or with the Tucker core ``t2``
+    (r, r, kh, kw) ``tucker_rebuild(t2, w2a, w2b)`` (``w2a``: (r, b), ``w2b``: (r, d)). A 4-D
+    ``W2`` gives ``W1`` trailing 1×1 dims. Matches PEFT's LoKr ``get_delta_weight`` and
+    LyCORIS' ``lokr.diff_weight``.
+    """
+    left = _lokr_half(w1, w1a, w1b, None)
+    right = _lokr_half(w2, w2a, w2b, t2)
+    return _kron(left, right, scaling, shape)
+
+
+def _kron(
+    left: torch.Tensor, right: torch.Tensor, scaling: float, shape: Sequence[int]
+) -> torch.Tensor:
+    if right.dim() == 4 and left.dim() == 2:
+        left = left[:, :, None, None]
+    # torch.kron needs contiguous inputs (Tucker einsum outputs are not).
+    return torch.kron(left.contiguous(), right.contiguous()).reshape(tuple(shape)).mul_(scaling)
+
+
+def dora_kohya(
+    weight: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, multiplier: float
+) -> torch.Tensor:
+    """LyCORIS DoRA (``dora_scale``) in float32: ``W* = g · (W + Δ) / ‖W + Δ‖_axis``, returned as
+    ``W + multiplier · (W* − W)`` (ComfyUI's convention; LyCORIS' own agrees at multiplier 1).
+
+    ``g`` (``scale``) is (out, 1[, 1, 1]) for one norm per output row (LyCORIS ≥ 3.1.1, as
+    PEFT) or (1, in[, 1, 1]) for one norm per input column (older files). ``Δ`` excludes the
+    multiplier.
+    """
+    w = weight.float()
+    merged = w + delta.float().reshape(w.shape)
+    flat = merged.reshape(merged.shape[0], -1)
+    g = scale.float()
+    if g.shape[0] == 1 and w.shape[0] != 1:  # one norm per input column
+        norm = flat.norm(dim=0, keepdim=True).reshape((1, *w.shape[1:]))
+    else:
+        norm = flat.norm(dim=1).reshape((w.shape[0],) + (1,) * (w.dim() - 1))
+    target = g.reshape(norm.shape) * merged / norm
+    result: torch.Tensor = w + multiplier * (target - w)
+    return result

@@ -11,6 +11,8 @@ from enum import Enum
 from pathlib import Path
 
 from .adapters import LoraModule
+from .formats.model import ModuleUpdate
+from .layouts.model import Piece
 from .locations import Location
 from .reader import TensorInfo
 from .writer import OutputLayout
@@ -29,6 +31,7 @@ class ChangeKind(str, Enum):
     ROWS = "rows"  # trainable token rows replace base rows
     EXPERTS = "experts"  # target_parameters on a stack of experts: + scaling · B_e @ A_e each
     TRUNCATE = "truncate"  # KaSA: the base loses its r smallest singular components first
+    DIFFUSION = "diffusion"  # a diffusion LoRA module (LoRA, LoCon, LoHa, LoKr, full, norm)
 
     def __str__(self) -> str:
         return self.value
@@ -51,6 +54,9 @@ class Change:
     transposed: bool = False
     scaling: float = 1.0
     indices: tuple[int, ...] = ()
+    update: ModuleUpdate | None = None  # DIFFUSION: the module's canonical update
+    piece: Piece | None = None  # DIFFUSION: where its delta lands in this tensor
+    bias: bool = False  # DIFFUSION: the update's bias part (diff_b, b_norm) on the bias tensor
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,10 @@ class MergePlan:
     side_files: tuple[tuple[str, Path], ...] = ()
     config_text: str | None = None
     notes: tuple[str, ...] = ()
+    # A diffusers pipeline folder: one plan per merged component (written to that
+    # subdirectory) and the folder's other entries, copied unchanged.
+    components: tuple[tuple[str, MergePlan], ...] = ()
+    copied_entries: tuple[tuple[str, Path], ...] = ()
 
     @property
     def changes(self) -> dict[str, list[str]]:

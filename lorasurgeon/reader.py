@@ -426,7 +426,8 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         )
     index_path: Path | None = None
     index: dict[str, Any] | None = None
-    if p.name.endswith(".index.json"):
+    # diffusers names a variant's index diffusion_pytorch_model.safetensors.index.fp16.json
+    if p.name.endswith(".index.json") or ".safetensors.index." in p.name and p.suffix == ".json":
         index_path = p
         files, index = _shards_from_index(p)
     else:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .deltas import placed_update
 from .dtypes import tensor_nbytes
 from .engine import Computed
 from .errors import IncompatibleError
@@ -31,7 +32,10 @@ def _inputs(t: TensorPlan) -> list[TensorInfo]:
     """Every stored tensor that computing ``t`` reads."""
     needed = [t.start]
     for c in t.deltas:
-        if c.lora is not None:
+        if c.update is not None:
+            parts = [*c.update.factors.values(), c.update.dora_scale]
+            needed += [info for info in parts if info is not None and info not in needed]
+        elif c.lora is not None:
             needed += [c.lora.lora_a, c.lora.lora_b]
             if c.lora.diag is not None:
                 needed.append(c.lora.diag)
@@ -49,7 +53,12 @@ def _updates(t: TensorPlan, loaded: Mapping[TensorInfo, Any], device: Any) -> li
         tensor: torch.Tensor = loaded[info].to(device=device, dtype=torch.float32)
         return tensor
 
-    updates = [_update(c, get, device) for c in t.deltas]
+    updates = [
+        placed_update(c.update, c.piece, get, c.scaling, t.base.shape, bias=c.bias)
+        if c.update is not None and c.piece is not None
+        else _update(c, get, device)
+        for c in t.deltas
+    ]
     return [u for u in updates if u is not None]
 
 
