@@ -9,6 +9,7 @@ package does not import torch.
 """
 
 from .adapters import ModuleReport
+from .batch import Job, JobResult, Manifest, is_done, read_manifest, shard_jobs
 from .combine import CombinePlan, CombineReport, combine, plan_combine
 from .dtypes import DType
 from .engine import handle_signals
@@ -19,6 +20,7 @@ from .errors import (
     Interrupted,
     LocationError,
     LorasurgeonError,
+    ManifestError,
     OptionError,
     OutputError,
 )
@@ -34,6 +36,7 @@ from .options import (
 )
 from .reader import Checkpoint, TensorInfo, open_checkpoint
 from .resize import ResizeReport, resize
+from .runners import run_local, run_ray
 from .summary import Summary, summarize
 from .writer import parse_size
 
@@ -52,9 +55,13 @@ __all__ = [
     "ExtractReport",
     "IncompatibleError",
     "Interrupted",
+    "Job",
+    "JobResult",
     "LocationError",
     "LorasurgeonError",
     "MajoritySign",
+    "Manifest",
+    "ManifestError",
     "MergePlan",
     "ModuleReport",
     "MergeReport",
@@ -70,12 +77,17 @@ __all__ = [
     "combine",
     "extract",
     "handle_signals",
+    "is_done",
     "merge",
     "open_checkpoint",
     "parse_size",
     "plan_combine",
     "plan_extraction",
     "plan_merge",
+    "read_manifest",
     "resize",
+    "run_local",
+    "run_ray",
+    "shard_jobs",
     "summarize",
 ]

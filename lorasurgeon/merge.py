@@ -7,6 +7,7 @@ written at their planned offsets, while the next ones are being read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import engine
+from . import engine, provenance
 from .adapters import Adapter, LoraModule, open_adapter
 from .dtypes import COMPUTE_DTYPES, DTYPES, DType
 from .errors import AdapterError, IncompatibleError, OptionError
@@ -564,6 +565,7 @@ def merge(
     Raises:
         LocationError, CheckpointError, AdapterError, IncompatibleError, OptionError, OutputError.
     """
+    options = provenance.options_of(merge, locals())  # first: the arguments only
     started = time.monotonic()
     plan = plan_merge(
         base, adapters, out, weights=weights, unmerge=unmerge, dtype=dtype,
@@ -577,10 +579,14 @@ def merge(
         resolve_device(device)
     for note in plan.notes:
         logger.warning(note)
+    record = provenance.start(
+        "merge", options, [("base", plan.base), *(("adapter", a) for a in plan.adapters)]
+    )
     from .stream import computed_tensors  # imports torch lazily: kept out of planning
 
     written = engine.run(
-        _output(plan, out_path), computed_tensors(plan, device), overwrite=overwrite,
+        dataclasses.replace(_output(plan, out_path), provenance=record),
+        computed_tensors(plan, device), overwrite=overwrite,
         progress=progress,
     )  # fmt: skip
     changed = sum(1 for t in plan.tensors if not t.copied)
