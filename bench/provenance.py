@@ -65,6 +65,8 @@ def main() -> None:
             shutil.rmtree(Path(cache) / "lorasurgeon", ignore_errors=True)
             cold.append(merge_seconds(base, adapter, out))
             warm.append(merge_seconds(base, adapter, out))
+            print(f"run: none {none[-1]:.2f} s, cold {cold[-1]:.2f} s, warm {warm[-1]:.2f} s",
+                  flush=True)  # fmt: skip
         hash_in = sha256_seconds(inputs)
         hash_out = sha256_seconds(provenance.weight_files(out))
     shutil.rmtree(out, ignore_errors=True)

@@ -274,3 +274,54 @@ def test_a_killed_batch_reruns_only_what_is_not_done(
     leftovers = [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
     assert leftovers == []
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m0", "m1", "m2", "m3"]
+
+
+def _listeners(pids: set[int]) -> list[str]:
+    """Local addresses that processes ``pids`` listen on (``ss -ltnp``)."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        if any(f"pid={pid}," in line for pid in pids):
+            found.append(line.split()[3])
+    return found
+
+
+def test_ray_backend_runs_the_manifest_on_a_local_cluster_like_local_workers(
+    tmp_path: Path,
+) -> None:
+    if not _has_ray():
+        pytest.skip("Ray is not installed (pip install 'lorasurgeon[ray]')")
+    import ray
+
+    extra = os.path.dirname(os.path.dirname(ray.__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), extra]),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # fmt: skip
+    # Measured: --node-ip-address=127.0.0.1 alone still listened on the machine's address.
+    cli_ray = [sys.executable, "-m", "ray.scripts.scripts"]
+    port = "6391"
+    subprocess.run([*cli_ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                    "--dashboard-host=127.0.0.1", "--include-dashboard=false", "--num-cpus=2",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True,
+                   timeout=300)  # fmt: skip
+    try:
+        pids = {int(p) for p in subprocess.run(["pgrep", "-f", "ray"], capture_output=True,
+                                               text=True).stdout.split()}  # fmt: skip
+        addresses = _listeners(pids)
+        assert addresses and all(a.startswith(("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")) for a in addresses), (
+            addresses)  # fmt: skip
+        manifest = write_manifest(tmp_path, [JOBS[0], JOBS[3]])
+        result = subprocess.run(
+            [sys.executable, "-m", "lorasurgeon", "batch", str(manifest), "--ray",
+             f"127.0.0.1:{port}", "--results", str(tmp_path / "r.json")],
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert results(tmp_path / "r.json") == {"m": "done", "r": "done"}
+    finally:
+        subprocess.run([*cli_ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    local = tmp_path / "local"
+    local.mkdir()
+    lorasurgeon.resize(ADAPTER, local / "r", rank=2)
+    lorasurgeon.merge(BASE, [ADAPTER], local / "m", weights=[0.5], device="cpu")
+    for name in "mr":
+        assert weights(tmp_path / "out" / name) == weights(local / name)
