@@ -96,7 +96,8 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     manifest = root / "jobs.yaml"
     manifest.write_text(yaml.safe_dump({"jobs": jobs(args.count)}))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(root / "cache")}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "XDG_CACHE_HOME": str(root / "cache")}
     shutil.rmtree(root / "out", ignore_errors=True)
     batch = timed([sys.executable, "-m", "lorasurgeon", "batch", str(manifest), "--jobs", "2",
                    "--quiet"], env)  # fmt: skip

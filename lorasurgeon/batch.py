@@ -17,7 +17,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from .errors import LorasurgeonError, ManifestError, OutputError
+from .errors import LorasurgeonError, ManifestError, OptionError, OutputError
 from .locations import Location, Role, resolve
 
 __all__ = [
@@ -301,10 +301,47 @@ def _job(manifest: Path, index: int, entry: Any, defaults: Mapping[str, Any]) ->
     name = entry.get("name", f"{command.value}-{index + 1}")
     if not isinstance(name, str) or not name:
         raise fail("`name:` must be a non-empty string")
+    try:
+        _check_values(command, options)
+    except OptionError as e:
+        raise fail(str(e)) from None
     return Job(
         index, name, command, inputs, _relative(manifest, output), options, overwrite,
         _relative(manifest, report) if report else None, push_to,
     )  # fmt: skip
+
+
+def _check_values(command: Command, options: Mapping[str, Any]) -> None:
+    """Check option values with the same records the API validates them into (choices,
+    ranges, options that cannot apply), so that a bad value fails before any job runs."""
+    from .dtypes import DType
+    from .options import (
+        CombineMethod,
+        CombineOptions,
+        MajoritySign,
+        RankMethod,
+        RankPolicy,
+        SvdMethod,
+        choice,
+    )
+
+    DType.code_of(options.get("dtype", "auto"))
+    if command in (Command.EXTRACT, Command.RESIZE):
+        method = choice(RankMethod, options.get("rank_method", "fixed"), "rank method")
+        RankPolicy(method, options.get("rank"), options.get("energy"),
+                   options.get("param_budget"), options.get("min_rank", 1),
+                   options.get("max_rank"))  # fmt: skip
+        if command is Command.RESIZE and method is RankMethod.FIXED and "rank" not in options:
+            raise OptionError("give rank, or rank-method energy/budget")
+    if command is Command.EXTRACT:
+        choice(SvdMethod, options.get("svd", "randomized"), "svd")
+    if command is Command.COMBINE:
+        sign = options.get("majority_sign")
+        CombineOptions(choice(CombineMethod, options.get("method", "linear"), "method"),
+                       options.get("svd", False), options.get("rank"), options.get("clamp"),
+                       options.get("density"),
+                       None if sign is None else choice(MajoritySign, sign, "majority sign"),
+                       options.get("seed"))  # fmt: skip
 
 
 def _relative(manifest: Path, text: str) -> Path:

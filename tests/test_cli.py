@@ -464,7 +464,7 @@ def _spec_options(command: str) -> set[str]:
 
 
 @pytest.mark.skipif(not SPEC.exists(), reason="shared/spec/cli.md is not beside the checkout")
-@pytest.mark.parametrize("command", ["merge", "extract", "combine", "resize", "inspect"])
+@pytest.mark.parametrize("command", ["merge", "extract", "combine", "resize", "inspect", "batch"])
 def test_help_offers_every_option_of_the_contract(command: str) -> None:
     params = cli.commands[command].params
     offered = {opt for p in params for opt in p.opts if opt.startswith("--")}
