@@ -16,12 +16,13 @@ import os
 import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from .errors import LocationError
 from .locations import Location
 
 __all__ = [
@@ -188,6 +189,17 @@ def input_record(role: str, location: Location) -> dict[str, Any]:
     return _record(item, {path: file_sha256(path) for _, path in item.files})
 
 
+def _hash_all(digests: Mapping[Path, Future[str]]) -> None:
+    for path, future in digests.items():
+        try:
+            future.set_result(file_sha256(path))
+        except OSError as e:  # handed to whoever waits for the hash
+            future.set_exception(LocationError(f"cannot read it to hash it: {e.strerror}",
+                                               path=path))  # fmt: skip
+        except BaseException as e:
+            future.set_exception(e)
+
+
 class Provenance:
     """The provenance of one run: started before the work, so that local inputs are hashed on
     a background thread meanwhile; ``record`` waits for them and adds the outputs."""
@@ -202,10 +214,10 @@ class Provenance:
         self.options = dict(options)
         self._inputs = [_input(role, loc) for role, loc in inputs]
         paths = sorted({p for item in self._inputs for _, p in item.files})
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorasurgeon-hash")
-        self._digests: dict[Path, Future[str]] = {p: self._pool.submit(file_sha256, p)
-                                                   for p in paths}  # fmt: skip
-        self._pool.shutdown(wait=False)
+        self._digests: dict[Path, Future[str]] = {p: Future() for p in paths}
+        # A daemon thread: a run that fails or is interrupted exits without waiting for it.
+        threading.Thread(target=_hash_all, args=(self._digests,), daemon=True,
+                         name="lorasurgeon-hash").start()  # fmt: skip
 
     def identity(self, *, placeholder: bool = False) -> dict[str, Any]:
         """What the run is (version, command, options, inputs): all but its outputs. Waits for

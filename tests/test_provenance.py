@@ -169,3 +169,22 @@ def test_inspect_shows_the_provenance(work: Path) -> None:
     assert "resize" in result.output and digest in result.output
     result = CliRunner().invoke(cli, ["inspect", "--json", str(work / "r")])
     assert json.loads(result.output)["provenance"] == record_of(work / "r")
+
+
+def test_the_writer_hashes_shards_written_out_of_order(tmp_path: Path) -> None:
+    import torch
+
+    from lorasurgeon.writer import CheckpointWriter, OutputLayout, OutputShard, OutputTensor
+
+    tensors = {f"t{i}": torch.arange(i * 1000, dtype=torch.float32) for i in range(1, 6)}
+    planned = tuple(OutputTensor(k, "F32", tuple(v.shape)) for k, v in tensors.items())
+    layout = OutputLayout((OutputShard("model.safetensors", {"format": "pt"}, planned),))
+    out = tmp_path / "out"
+    with CheckpointWriter(out, layout, hash_shards=True) as writer:
+        for name in ["t3", "t5", "t1", "t4"]:
+            writer.write(name, tensors[name].numpy().tobytes())
+            assert writer.shard_sha256(0) is None  # t2 not written: no hash yet
+        writer.write("t2", tensors["t2"].numpy().tobytes())
+        digest = writer.shard_sha256(0)
+        writer.commit()
+    assert digest == sha256(out / "model.safetensors")
