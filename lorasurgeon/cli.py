@@ -549,7 +549,8 @@ def inspect_command(location: str, as_json: bool, quiet: bool, debug: bool) -> N
     """Show what a checkpoint or adapter at LOCATION holds.
 
     Format, tensor count, parameters, dtypes and size; for an adapter also its targets and
-    each module's rank, alpha and scaling. Reads headers only.
+    each module's rank, alpha and scaling; for an output of lorasurgeon its provenance
+    (command, options, input and output hashes). Reads headers only.
 
     \b
     Examples:
