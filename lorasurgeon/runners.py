@@ -33,9 +33,14 @@ def _gpu_count() -> int:
     return 0
 
 
-def _init_worker(counter: Any, gpus: int) -> None:
-    """A worker: dies with its parent (Linux), and gets one GPU of its own where there are
-    GPUs (round robin)."""
+def _init_worker(counter: Any, gpus: int, threads: int) -> None:
+    """A worker: dies with its parent (Linux), computes on its share of the CPUs (unless
+    OMP_NUM_THREADS says otherwise), and gets one GPU of its own where there are GPUs (round
+    robin)."""
+    # torch is imported later, by the first job: the thread count must be set before that.
+    # Workers that each start one thread per core spin against each other on small tensors.
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, str(threads))
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -49,6 +54,10 @@ def _init_worker(counter: Any, gpus: int) -> None:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = [d.strip() for d in visible.split(",")] if visible else [str(i) for i in range(gpus)]
         os.environ["CUDA_VISIBLE_DEVICES"] = ids[index % len(ids)]
+
+
+def _threads(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 def run_local(
@@ -74,7 +83,7 @@ def run_local(
     context = multiprocessing.get_context("spawn")  # no fork of a process holding threads
     counter = context.Value("i", 0)
     pool = context.Pool(min(workers, len(jobs)), initializer=_init_worker,
-                        initargs=(counter, _gpu_count()))  # fmt: skip
+                        initargs=(counter, _gpu_count(), _threads(workers)))  # fmt: skip
     try:
         for result in pool.imap_unordered(run_job, jobs):
             if take(result):
