@@ -257,7 +257,7 @@ def _slow_manifest(root: Path, count: int) -> Path:
 def test_a_killed_batch_reruns_only_what_is_not_done(
     tmp_path: Path, sig: signal.Signals, workers: str
 ) -> None:
-    manifest = _slow_manifest(tmp_path, 4)
+    manifest = _slow_manifest(tmp_path, 12)  # enough that the kill lands with jobs to do
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "lorasurgeon", "batch", str(manifest), "--jobs", workers]
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
@@ -268,14 +268,18 @@ def test_a_killed_batch_reruns_only_what_is_not_done(
     process.send_signal(sig)
     process.communicate(timeout=120)
     time.sleep(2)  # workers die with the batch (PR_SET_PDEATHSIG) and clean up
+    finished = {p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")}
     result = subprocess.run([*command, "--results", str(tmp_path / "r.json")], env=env,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr
     statuses = results(tmp_path / "r.json")
-    assert statuses["m0"] == "skipped" and "done" in statuses.values()
+    assert statuses["m0"] == "skipped"
+    assert statuses == {name: "skipped" if name in finished else "done" for name in statuses}
     leftovers = [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
     assert leftovers == []
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m0", "m1", "m2", "m3"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        f"m{i}" for i in range(12)
+    )
 
 
 def _listeners(pids: set[int]) -> list[str]:
