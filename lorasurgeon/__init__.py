@@ -10,6 +10,7 @@ torch.
 """
 
 from .adapters import ModuleReport
+from .batch import Job, JobResult, Manifest, is_done, read_manifest, shard_jobs
 from .combine import CombinePlan, CombineReport, combine, plan_combine
 from .diff import DiffReport, TensorDiff, diff
 from .dtypes import DType
@@ -21,6 +22,7 @@ from .errors import (
     Interrupted,
     LocationError,
     LorasurgeonError,
+    ManifestError,
     OptionError,
     OutputError,
 )
@@ -37,6 +39,7 @@ from .options import (
 from .plot import check_plot_path, plot_diff, plot_extract
 from .reader import Checkpoint, TensorInfo, open_checkpoint
 from .resize import ResizeReport, resize
+from .runners import run_local, run_ray
 from .summary import Summary, summarize
 from .verify import Mismatch, VerifyReport, verify
 from .writer import parse_size
@@ -57,9 +60,13 @@ __all__ = [
     "ExtractReport",
     "IncompatibleError",
     "Interrupted",
+    "Job",
+    "JobResult",
     "LocationError",
     "LorasurgeonError",
     "MajoritySign",
+    "Manifest",
+    "ManifestError",
     "MergePlan",
     "Mismatch",
     "ModuleReport",
@@ -80,6 +87,7 @@ __all__ = [
     "diff",
     "extract",
     "handle_signals",
+    "is_done",
     "merge",
     "open_checkpoint",
     "parse_size",
@@ -88,7 +96,11 @@ __all__ = [
     "plan_merge",
     "plot_diff",
     "plot_extract",
+    "read_manifest",
     "resize",
+    "run_local",
+    "run_ray",
+    "shard_jobs",
     "summarize",
     "verify",
 ]

@@ -733,7 +733,8 @@ def inspect_command(location: str, as_json: bool, quiet: bool, debug: bool) -> N
     """Show what a checkpoint or adapter at LOCATION holds.
 
     Format, tensor count, parameters, dtypes and size; for an adapter also its targets and
-    each module's rank, alpha and scaling. Reads headers only.
+    each module's rank, alpha and scaling; for an output of lorasurgeon its provenance
+    (command, options, input and output hashes). Reads headers only.
 
     \b
     Examples:
@@ -747,15 +748,100 @@ def inspect_command(location: str, as_json: bool, quiet: bool, debug: bool) -> N
     _echo(render.summary_lines(summary), err=False)
 
 
+class ShardParam(click.ParamType):  # type: ignore[type-arg]
+    """I/N: the I-th of N shares, 1 <= I <= N."""
+
+    name = "I/N"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[int, int]:
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(value))
+        if match is None or not 1 <= int(match.group(1)) <= int(match.group(2)):
+            self.fail(f"{value!r} is not I/N with 1 <= I <= N (e.g. 2/8)", param, ctx)
+        return int(match.group(1)), int(match.group(2))
+
+
+@cli.command()
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--jobs", "workers", type=click.IntRange(min=1), default=1, show_default=True,
+              metavar="N", help="Parallel local worker processes (one GPU each where there "
+              "are GPUs).")  # fmt: skip
+@click.option("--fail-fast", is_flag=True, help="Start no new job after one fails.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (run or skip); run nothing.")
+@click.option("--shard", type=ShardParam(), default=None,
+              help="Run only the I-th of N deterministic shares of the jobs.")  # fmt: skip
+@click.option("--results", "results_path", default=None, metavar="FILE.json",
+              help="Write every job's status, time and error as JSON.")  # fmt: skip
+@click.option("--ray", "ray_address", default=None, metavar="auto|ADDRESS",
+              help="Run the jobs as Ray tasks (pip install 'lorasurgeon[ray]').")  # fmt: skip
+@_common
+def batch(
+    manifest: str, workers: int, fail_fast: bool, dry_run: bool, shard: tuple[int, int] | None,
+    results_path: str | None, ray_address: str | None, quiet: bool, debug: bool,
+) -> None:  # fmt: skip
+    """Run the merge, extract, combine and resize jobs of MANIFEST (.yaml or .jsonl).
+
+    The whole manifest is validated first (exit 2 naming the job). A job whose output exists
+    with provenance matching it (inputs, resolved revisions, options, tool version) is
+    skipped, so a rerun after a failure or a kill runs only what is not done. A failed job is
+    recorded with its error: line and the others go on; exit 1 if any failed.
+
+    \b
+    Examples:
+      lorasurgeon batch jobs.yaml --jobs 2 --results results.json
+      lorasurgeon batch jobs.yaml --shard $((SLURM_ARRAY_TASK_ID + 1))/$SLURM_ARRAY_TASK_COUNT
+      lorasurgeon batch jobs.yaml --ray auto
+    """
+    if ray_address is not None and workers != 1:
+        raise click.UsageError("--jobs applies to local workers; Ray schedules by itself")
+    plan = api.read_manifest(manifest)
+    jobs = api.shard_jobs(plan.jobs, shard)
+    if dry_run:
+        _echo(render.batch_plan_lines(jobs, [api.is_done(j) for j in jobs]), err=False)
+        return
+    finished: list[int] = [0]
+
+    def report(result: api.JobResult) -> None:
+        finished[0] += 1
+        if not quiet or result.error:
+            click.echo(render.batch_line(finished[0], len(jobs), result), err=True)
+
+    if ray_address is not None:
+        results = api.run_ray(jobs, ray_address, fail_fast=fail_fast, on_result=report)
+    else:
+        results = api.run_local(jobs, workers=workers, fail_fast=fail_fast, on_result=report)
+    _echo(render.batch_table(results, len(jobs) - len(results)))
+    counts = {s: sum(1 for r in results if r.status.value == s)
+              for s in ("done", "skipped", "failed")}  # fmt: skip
+    _write_report(results_path, {"jobs": [r.to_dict() for r in results], **counts})
+    if counts["failed"]:
+        raise api.LorasurgeonError(f"{counts['failed']} of {len(jobs)} jobs failed",
+                                   path=manifest, hint="see their error: lines above")  # fmt: skip
+
+
 class _WarningFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return f"warning: {record.getMessage()}"
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to the ``sys.stderr`` of the moment, not the one of the first call (which a
+    test runner or an embedding program may have replaced since)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _setup_logging() -> None:
     logger = logging.getLogger("lorasurgeon")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(_WarningFormatter())
         handler.setLevel(logging.WARNING)
         logger.addHandler(handler)

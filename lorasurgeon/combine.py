@@ -10,6 +10,7 @@ need it. Modules stream one at a time: memory holds one module's factors, not th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import engine
+from . import engine, provenance
 from .adapters import (
     Adapter,
     LoraModule,
@@ -610,6 +611,7 @@ def combine(
     Raises:
         LocationError, AdapterError, IncompatibleError, OptionError, OutputError.
     """
+    options = provenance.options_of(combine, locals())  # first: the arguments only
     started = time.monotonic()
     plan = plan_combine(
         adapters, weights=weights, method=method, svd=svd, rank=rank, clamp=clamp,
@@ -621,7 +623,8 @@ def combine(
     from .ops import resolve_device
 
     rows: list[CombinedModule] = []
-    output = _output(plan, out_path)
+    record = provenance.start("combine", options, [("adapter", a) for a in plan.adapters])
+    output = dataclasses.replace(_output(plan, out_path), provenance=record)
     engine.run(output, _computed(plan, resolve_device(device), seed or 0, masks, rows),
                overwrite=overwrite, progress=progress)  # fmt: skip
     params = sum(t.numel for t in output.layout.shards[0].tensors[: 2 * len(plan.modules)])

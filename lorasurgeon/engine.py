@@ -12,6 +12,8 @@ the output. No tensor math here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import signal
 import threading
@@ -23,6 +25,7 @@ from typing import Any
 
 from .errors import Interrupted
 from .pipeline import Drain, Worker
+from .provenance import PROVENANCE_KEY, PROVENANCE_NAME, Provenance, output_record
 from .reader import TensorFiles, TensorInfo
 from .writer import CheckpointWriter, OutputLayout, check_free_space, check_output_path
 
@@ -66,13 +69,16 @@ class Computed:
 class Output:
     """What a command writes: the layout, the tensors copied from inputs, and side files
     copied (``files``: relative name, source) or written from text (``texts``) into a
-    directory output. Every tensor of the layout is either copied or computed."""
+    directory output. Every tensor of the layout is either copied or computed. With
+    ``provenance``, a directory output gets ``lorasurgeon.json``, a single file the same
+    JSON as its ``lorasurgeon`` metadata key."""
 
     path: Path
     layout: OutputLayout
     copies: tuple[Copy, ...] = ()
     files: tuple[tuple[str, Path], ...] = ()
     texts: Mapping[str, str] = field(default_factory=dict)
+    provenance: Provenance | None = None
 
 
 def check_output(
@@ -197,14 +203,17 @@ def run(
         OutputError: the output cannot be written (no space, permissions, ...), named by
             its real path; errors raised by ``produce`` pass through unchanged.
     """
-    layout = output.layout
+    layout = _with_placeholder(output.layout, output.provenance)
     check_free_space(output.path, layout.total_size)
     meter = _Meter(progress, layout.total_size)
     stop = threading.Event()
+    hash_shards = output.provenance is not None and not layout.single_file
     with (
         handle_signals(),
         TensorFiles() as files,
-        CheckpointWriter(output.path, layout, overwrite=overwrite) as writer,
+        CheckpointWriter(
+            output.path, layout, overwrite=overwrite, hash_shards=hash_shards
+        ) as writer,
     ):
         copier = Worker(lambda: _copy_all(output.copies, files, writer, meter, stop),
                         "lorasurgeon-copy").start()  # fmt: skip
@@ -222,5 +231,39 @@ def run(
             writer.add_file(relative, source)
         for relative, text in output.texts.items():
             writer.add_text(relative, text)
+        if output.provenance is not None:
+            _write_provenance(writer, output.provenance)
         writer.commit()
     return layout.total_size
+
+
+def _with_placeholder(layout: OutputLayout, provenance: Provenance | None) -> OutputLayout:
+    """A single-file output's header holds its provenance: planned with placeholder hashes of
+    the same length, filled in by ``_write_provenance`` once the inputs are hashed."""
+    if provenance is None or not layout.single_file:
+        return layout
+    shard = layout.shards[0]
+    metadata = {
+        **(shard.metadata or {}),
+        PROVENANCE_KEY: provenance.metadata_text(placeholder=True),
+    }
+    return dataclasses.replace(layout, shards=(dataclasses.replace(shard, metadata=metadata),))
+
+
+def _write_provenance(writer: CheckpointWriter, provenance: Provenance) -> None:
+    """Record the provenance: in the header of a single file (which cannot hold its own hash:
+    ``outputs`` is null), else as ``lorasurgeon.json`` listing every shard with its sha256
+    (taken by the writer as the shards were written)."""
+    layout = writer.layout
+    if layout.single_file:
+        shard = layout.shards[0]
+        metadata = {**(shard.metadata or {}), PROVENANCE_KEY: provenance.metadata_text()}
+        writer.rewrite_header(0, metadata)
+        return
+    outputs = []
+    for i, shard in enumerate(layout.shards):
+        path = writer.shard_path(i)
+        digest = writer.shard_sha256(i) or output_record(path, shard.filename)["sha256"]
+        outputs.append({"name": shard.filename, "size": path.stat().st_size, "sha256": digest})
+    text = json.dumps(provenance.record(outputs), indent=2, sort_keys=True) + "\n"
+    writer.add_text(PROVENANCE_NAME, text)

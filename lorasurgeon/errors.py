@@ -15,6 +15,7 @@ __all__ = [
     "Interrupted",
     "LocationError",
     "LorasurgeonError",
+    "ManifestError",
     "OptionError",
     "OutputError",
 ]
@@ -76,6 +77,10 @@ class IncompatibleError(LorasurgeonError):
 
 class OptionError(LorasurgeonError, ValueError):
     """Invalid option values or combinations."""
+
+
+class ManifestError(OptionError):
+    """A batch manifest that cannot run as written (a usage error naming the job and key)."""
 
 
 class OutputError(LorasurgeonError):

@@ -7,6 +7,7 @@ stream from both checkpoints, read ahead on a thread while the device computes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import engine
+from . import engine, provenance
 from .adapters import (
     KEY_PREFIX,
     ModuleReport,
@@ -662,6 +663,7 @@ def extract(
     Raises:
         LocationError, CheckpointError, IncompatibleError, OptionError, OutputError.
     """
+    recorded = provenance.options_of(extract, locals())  # first: the arguments only
     started = time.monotonic()
     policy = RankPolicy(choice(RankMethod, rank_method, "rank method"), rank, energy,
                         param_budget, min_rank, max_rank)  # fmt: skip
@@ -672,6 +674,7 @@ def extract(
         save_modules=save_modules, fan_in_fan_out=fan_in_fan_out,
     )  # fmt: skip
     out_path = engine.check_output(out, [plan.base.path, plan.tuned.path], overwrite=overwrite)
+    record = provenance.start("extract", recorded, [("base", plan.base), ("tuned", plan.tuned)])
     _read_ahead(plan)  # the disk starts on the first modules while torch is imported
     from . import lowrank, ops
 
@@ -700,7 +703,8 @@ def extract(
     config = _config(plan, names, layout, saved_names)
     with TensorFiles() as files:
         others = _not_in_adapter(plan, files, sum(r.svd.total_energy for r in results))
-    engine.run(_output(out_path, plan, tensors, config),
+    output = dataclasses.replace(_output(out_path, plan, tensors, config), provenance=record)
+    engine.run(output,
                lambda _: (Computed(k, v) for k, v in tensors), overwrite=overwrite)  # fmt: skip
     total_params = sum(int(t.numel()) for _, t in tensors)
     notes = layout.notes({r.module.module: sum(r.module.matrix_shape) for r in results})

@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import LocationError
 
-__all__ = ["Location", "Role", "resolve"]
+__all__ = ["Location", "Role", "resolve", "upload"]
 
 _REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 # Small files that travel with a checkpoint: configs, tokenizers, chat templates.
@@ -151,3 +151,33 @@ def _download(
     if must_have is not None and not (path / must_have).is_file():
         raise LocationError(f"Hub repo has no {must_have}", path=where)
     return path
+
+
+def upload(folder: Path, repo: str, branch: str | None, *, readme: str) -> None:
+    """Upload an output (a directory, or one file) to a Hub model repo, created private if
+    new, with ``readme`` as its README.md.
+
+    Raises:
+        LocationError: the Hub refused it (the hint says what to set).
+    """
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
+    api = huggingface_hub.HfApi()
+    where = repo + (f"@{branch}" if branch else "")
+    try:
+        api.create_repo(repo, private=True, exist_ok=True)
+        if branch:
+            api.create_branch(repo, branch=branch, exist_ok=True)
+        if folder.is_dir():
+            api.upload_folder(repo_id=repo, folder_path=folder, revision=branch,
+                              commit_message="lorasurgeon output")  # fmt: skip
+        else:
+            api.upload_file(path_or_fileobj=folder, path_in_repo=folder.name, repo_id=repo,
+                            revision=branch)  # fmt: skip
+        api.upload_file(path_or_fileobj=readme.encode("utf-8"), path_in_repo="README.md",
+                        repo_id=repo, revision=branch)  # fmt: skip
+    except (hub_errors.HfHubHTTPError, OSError, ValueError) as e:
+        raise LocationError(f"Hub upload failed: {e}", path=where,
+                            hint="set HF_TOKEN with write access and unset HF_HUB_OFFLINE",
+                            ) from e  # fmt: skip

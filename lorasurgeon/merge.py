@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import engine
+from . import engine, provenance
 from .adapters import Adapter, LoraModule, open_adapter
 from .diffusion import diffusion_changes, is_lora_file, refuse_float8
 from .dtypes import COMPUTE_DTYPES, DTYPES, DType
@@ -790,6 +790,7 @@ def merge(
     Raises:
         LocationError, CheckpointError, AdapterError, IncompatibleError, OptionError, OutputError.
     """
+    options = provenance.options_of(merge, locals())  # first: the arguments only
     started = time.monotonic()
     plan = plan_merge(
         base, adapters, out, weights=weights, unmerge=unmerge, dtype=dtype,
@@ -804,14 +805,17 @@ def merge(
         resolve_device(device)
     for note in plan.notes:
         logger.warning(note)
+    record = provenance.start(
+        "merge", options, [("base", plan.base), *(("adapter", a) for a in plan.adapters)]
+    )
     from .stream import computed_tensors  # imports torch lazily: kept out of planning
 
     if plan.components:
         written = _write_folder(plan, out_path, device, overwrite=overwrite, progress=progress)
     else:
         written = engine.run(
-            _output(plan, out_path), computed_tensors(plan, device), overwrite=overwrite,
-            progress=progress,
+            dataclasses.replace(_output(plan, out_path), provenance=record),
+            computed_tensors(plan, device), overwrite=overwrite, progress=progress,
         )  # fmt: skip
     changed = sum(1 for t in plan.tensors if not t.copied)
     return MergeReport(

@@ -7,20 +7,25 @@ here prints, reads a file or touches a tensor.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from . import CombineReport, ExtractReport, MergePlan, MergeReport, ResizeReport, Summary
+    from .batch import Job, JobResult
     from .diff import DiffReport, Spectrum, TensorDiff
     from .verify import VerifyReport
 
 __all__ = [
+    "batch_line",
+    "batch_plan_lines",
+    "batch_table",
     "combine_lines",
     "count",
     "diff_lines",
     "extract_lines",
     "merge_lines",
     "merge_plan_lines",
+    "provenance_lines",
     "resize_lines",
     "size",
     "summary_lines",
@@ -126,6 +131,59 @@ def resize_lines(report: ResizeReport) -> list[str]:
     ]
 
 
+def batch_line(done: int, total: int, result: JobResult) -> str:
+    """One finished job, as the batch reports it when it finishes."""
+    detail = result.error or result.figure
+    return (f"[{done}/{total}] {result.status.value:<7} {result.name}  "
+            f"{result.seconds:.1f} s  {detail}").rstrip()  # fmt: skip
+
+
+def batch_table(results: Sequence[JobResult], not_run: int = 0) -> list[str]:
+    """The final table of a batch (job, status, time, output, figure of merit) and totals."""
+    rows = [("job", "status", "time", "output", "figure of merit")]
+    rows += [(r.name, r.status.value, f"{r.seconds:.1f} s", r.output,
+              r.error or r.figure) for r in results]  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join([*(c.ljust(w) for c, w in zip(row[:4], widths, strict=True)), row[4]])
+             .rstrip() for row in rows]  # fmt: skip
+    counts = {s: sum(1 for r in results if r.status.value == s) for s in
+              ("done", "skipped", "failed")}  # fmt: skip
+    total = ", ".join(f"{n} {s}" for s, n in counts.items())
+    lines.append(total + (f", {not_run} not run (--fail-fast)" if not_run else ""))
+    return lines
+
+
+def batch_plan_lines(jobs: Sequence[Job], done: Sequence[bool]) -> list[str]:
+    """What ``batch --dry-run`` prints: each job, its inputs and output, run or skip."""
+    lines = []
+    for job, finished in zip(jobs, done, strict=True):
+        action = "skip (done)" if finished else "run"
+        lines.append(f"{job.name}: {job.command.value} {' '.join(job.inputs)} -> {job.output}"
+                     f"  [{action}]")  # fmt: skip
+    lines.append(f"{len(jobs)} jobs: {sum(done)} done, {len(jobs) - sum(done)} to run")
+    return lines
+
+
+def provenance_lines(record: dict[str, Any] | None) -> list[str]:
+    """How an output was made (its lorasurgeon.json): command, options, inputs, outputs."""
+    if record is None:
+        return []
+    options = " ".join(f"--{k}={v}" for k, v in sorted((record.get("options") or {}).items())
+                       if v is not None and v is not False)  # fmt: skip
+    lines = [f"made by:    lorasurgeon {record.get('version')} {record.get('command')} {options}"]
+    for item in record.get("inputs") or []:
+        where = item.get("location")
+        if item.get("repo_id"):
+            where = f"{item['repo_id']}@{item.get('revision')}"
+        lines.append(f"  {item.get('role')}: {where}")
+        for f in item.get("files") or []:
+            lines.append(f"    {f.get('name')}  {f.get('size')} bytes  sha256 {f.get('sha256')}")
+    for f in record.get("outputs") or []:
+        lines.append(f"  output: {f.get('name')}  {f.get('size')} bytes  sha256 {f.get('sha256')}")
+    # the record comes from a file: escape control characters before they reach a terminal
+    return ["".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in line) for line in lines]
+
+
 def summary_lines(s: Summary) -> list[str]:
     """What ``inspect`` prints for a checkpoint or an adapter."""
     dtypes = ", ".join(f"{k} {count(v)}" for k, v in s.dtypes.items())
@@ -136,6 +194,7 @@ def summary_lines(s: Summary) -> list[str]:
     ]  # fmt: skip
     if s.model_type:
         lines.append(f"model_type: {s.model_type}")
+    lines += provenance_lines(s.provenance)
     if s.kind != "adapter":
         return lines
     lines += [

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import engine
+from . import engine, provenance
 from .adapters import (
     Adapter,
     LoraModule,
@@ -215,6 +215,7 @@ def resize(
     Raises:
         LocationError, AdapterError, OptionError, OutputError.
     """
+    options = provenance.options_of(resize, locals())  # first: the arguments only
     from .ops import resolve_device
 
     started = time.monotonic()
@@ -222,6 +223,7 @@ def resize(
     code = DType.code_of(dtype)
     location = resolve(adapter, role=Role.ADAPTER)
     out_path = engine.check_output(out, [location.path], overwrite=overwrite)
+    record = provenance.start("resize", options, [("adapter", location)])
     compute = resolve_device(device)
     with open_adapter(location.path, file_targets=True) as opened, TensorFiles() as files:
         opened.require_plain_lora("resize")
@@ -233,6 +235,7 @@ def resize(
         copies = [*opened.replacements.values(), *(t for _, t in opened.token_rows.values())]
         output = adapter_output(out_path, _planned(opened, layout, code), copies,
                                 _config(opened, layout))  # fmt: skip
+        output = dataclasses.replace(output, provenance=record)
         rows: list[ModuleReport] = []
         engine.run(output, _computed(opened, layout, code, compute, rows, progress),
                    overwrite=overwrite)  # fmt: skip

@@ -12,6 +12,7 @@ from typing import Any
 from .adapters import ADAPTER_CONFIG_NAME, LoraModule, open_adapter
 from .clients import ClientCheck, client_checks
 from .locations import Role, resolve
+from .provenance import read_provenance
 from .reader import Checkpoint, open_checkpoint, read_config
 
 __all__ = ["AdapterModuleSummary", "Summary", "summarize"]
@@ -54,6 +55,7 @@ class Summary:
     saved_whole: list[str] = field(default_factory=list)
     ignored_modules: list[str] = field(default_factory=list)
     clients: list[ClientCheck] = field(default_factory=list)
+    provenance: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (what ``inspect --json`` prints)."""
@@ -104,9 +106,11 @@ def summarize(location: str | os.PathLike[str]) -> Summary:
                 modules=[_module_summary(m) for m in adapter.modules.values()],
                 saved_whole=sorted(adapter.replacements) + sorted(adapter.token_rows),
                 ignored_modules=list(adapter.ignored), clients=client_checks(adapter),
+                provenance=read_provenance(path),
             )  # fmt: skip
     with open_checkpoint(path) as checkpoint:
         model_type = read_config(path).get("model_type")
         return Summary(
-            str(loc), str(path), "checkpoint", **_counts(checkpoint), model_type=model_type
-        )
+            str(loc), str(path), "checkpoint", **_counts(checkpoint), model_type=model_type,
+            provenance=read_provenance(path),
+        )  # fmt: skip

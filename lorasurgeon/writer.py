@@ -7,8 +7,10 @@ their planned offsets, and memory never holds more than the tensor being written
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -45,6 +47,7 @@ logger = logging.getLogger(__name__)
 #: Shard file names of a re-sharded checkpoint, as transformers writes them.
 SHARD_NAME_FORMAT = "{stem}-{index:05d}-of-{count:05d}.safetensors"
 _COPY_BLOCK = 64 * 1024 * 1024
+_HASH_BLOCK = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -410,6 +413,45 @@ def _os_error(e: OSError, out: Path, tensor: str | None = None) -> OutputError:
     return OutputError(f"cannot write: {reason}", path=out, tensor=tensor, hint=hint)
 
 
+class _ShardHasher:
+    """The sha256 of a shard as it is written: follows the contiguous written prefix, reading
+    it back while its pages are still in the page cache (then drops them), so that hashing an
+    output costs CPU but no second read from the disk."""
+
+    def __init__(self, fd: int, header: bytes, size: int) -> None:
+        self._fd = fd
+        self._digest = hashlib.sha256(header)
+        self._position = len(header)
+        self._size = size
+        self._pending: dict[int, int] = {}  # start -> end of written ranges beyond the prefix
+        self._lock = threading.Lock()
+        self._buffer = bytearray(_HASH_BLOCK)
+
+    def written(self, offset: int, nbytes: int) -> None:
+        with self._lock:
+            self._pending[offset] = offset + nbytes
+            while self._position in self._pending:
+                end = self._pending.pop(self._position)
+                self._hash(self._position, end)
+                self._position = end
+
+    def _hash(self, start: int, end: int) -> None:
+        view = memoryview(self._buffer)
+        position = start
+        while position < end:
+            n = os.preadv(self._fd, [view[: min(_HASH_BLOCK, end - position)]], position)
+            if n <= 0:
+                raise OSError(errno.EIO, "short read while hashing the output")
+            self._digest.update(view[:n])
+            position += n
+        _start_writeback(self._fd, start, end - start)
+
+    def hexdigest(self) -> str | None:
+        """The shard's sha256 once every byte is written, else None."""
+        with self._lock:
+            return self._digest.hexdigest() if self._position == self._size else None
+
+
 class CheckpointWriter:
     """Write a planned layout into a temporary sibling of ``out``; rename it into place on commit.
 
@@ -422,9 +464,11 @@ class CheckpointWriter:
     """
 
     def __init__(
-        self, out: str | os.PathLike[str], layout: OutputLayout, *, overwrite: bool = False
-    ):
+        self, out: str | os.PathLike[str], layout: OutputLayout, *, overwrite: bool = False,
+        hash_shards: bool = False,
+    ):  # fmt: skip
         self.out = Path(out)
+        self._hashers: dict[int, _ShardHasher] | None = {} if hash_shards else None
         self.layout = layout
         self.overwrite = overwrite
         token = secrets.token_hex(4)
@@ -469,10 +513,13 @@ class CheckpointWriter:
 
     def _open_shard(self, shard: OutputShard) -> None:
         header, offsets = shard.header()
-        fd = os.open(self.tmp / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        mode = os.O_WRONLY if self._hashers is None else os.O_RDWR  # hashing reads it back
+        fd = os.open(self.tmp / shard.filename, mode | os.O_CREAT | os.O_EXCL, 0o644)
         self._fds.append(fd)
         _pwrite_all(fd, header, 0)
         os.ftruncate(fd, len(header) + shard.data_size)
+        if self._hashers is not None:
+            self._hashers[fd] = _ShardHasher(fd, header, len(header) + shard.data_size)
         for t in shard.tensors:
             self._slots[t.name] = (fd, offsets[t.name], t.nbytes)
 
@@ -500,7 +547,7 @@ class CheckpointWriter:
         self._mark(name)
         try:
             _pwrite_all(fd, view, offset)
-            _start_writeback(fd, offset, view.nbytes)
+            self._written(fd, offset, view.nbytes)
         except OSError as e:
             raise _os_error(e, self.out, name) from e
 
@@ -519,9 +566,20 @@ class CheckpointWriter:
                 n = self._copy_plain(name, src_fd, fd, count, src_offset + done, offset + done)
             done += n
         try:
-            _start_writeback(fd, offset, nbytes)
+            self._written(fd, offset, nbytes)
         except OSError as e:
             raise _os_error(e, self.out, name) from e
+
+    def _written(self, fd: int, offset: int, nbytes: int) -> None:
+        _start_writeback(fd, offset, nbytes)
+        if self._hashers is not None:
+            self._hashers[fd].written(offset, nbytes)
+
+    def shard_sha256(self, index: int) -> str | None:
+        """The sha256 of shard ``index`` once fully written, when the writer hashes shards."""
+        if self._hashers is None:
+            return None
+        return self._hashers[self._fds[index]].hexdigest()
 
     def _copy_plain(
         self, name: str, src_fd: int, fd: int, count: int, src_offset: int, offset: int
@@ -538,6 +596,24 @@ class CheckpointWriter:
         except OSError as e:
             raise _os_error(e, self.out, name) from e
         return len(chunk)
+
+    def rewrite_header(self, index: int, metadata: dict[str, str]) -> None:
+        """Replace shard ``index``'s ``__metadata__`` by one whose header has the same length
+        (e.g. a placeholder filled in once known)."""
+        shard = self.layout.shards[index]
+        old, _ = shard.header()
+        new, _ = dataclasses.replace(shard, metadata=metadata).header()
+        if len(new) != len(old):
+            raise OutputError("metadata changed length after the header was written",
+                              path=self.out)  # fmt: skip
+        try:
+            _pwrite_all(self._fds[index], new, 0)
+        except OSError as e:
+            raise _os_error(e, self.out) from e
+
+    def shard_path(self, index: int) -> Path:
+        """Where shard ``index`` is being written (inside the temporary directory)."""
+        return self.tmp / self.layout.shards[index].filename
 
     def add_file(self, relative: str, source: Path) -> None:
         """Copy a side file (config, tokenizer, ...) into the output directory."""

@@ -128,6 +128,7 @@ def offline_hub(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / "xdg-cache"))  # lorasurgeon's hash cache
     patched = {
         "HF_HOME": str(home),
         "HF_HUB_CACHE": str(home / "hub"),
@@ -506,7 +507,8 @@ def read_raw_tensor_bytes(location: Path, name: str) -> tuple[str, list[int], by
 
 
 def assert_same_layout(ours: Path, base: Path, *, new_dtype: str | None = None) -> None:
-    """Same files (shard names, index, side files), weight map, metadata, side-file bytes.
+    """Same files (shard names, index, side files; plus the output's lorasurgeon.json), weight
+    map, metadata, side-file bytes.
 
     Args:
         new_dtype: the dtype the merge converted to (``dtype="float32"`` etc.), if any: then the
@@ -515,7 +517,8 @@ def assert_same_layout(ours: Path, base: Path, *, new_dtype: str | None = None) 
     """
     ours, base = Path(ours), Path(base)
     base_files = sorted(p.name for p in base.iterdir())
-    ours_files = sorted(p.name for p in ours.iterdir())
+    ours_files = sorted(p.name for p in ours.iterdir() if p.name != "lorasurgeon.json")
+    assert (ours / "lorasurgeon.json").is_file(), "no provenance written"
     assert ours_files == base_files, f"files differ: ours {ours_files}, base {base_files}"
     for name in base_files:
         if name.endswith(".safetensors"):

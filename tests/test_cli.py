@@ -344,6 +344,7 @@ def test_hub_repo_ids_merge_like_local_paths(hub_cache: Path, tmp_path: Path) ->
     assert digest(tmp_path / "hub-out").keys() != set()
     hub = {Path(k).name: v for k, v in digest(tmp_path / "hub-out").items()}
     local = {Path(k).name: v for k, v in digest(tmp_path / "local-out").items()}
+    assert hub.pop("lorasurgeon.json") != local.pop("lorasurgeon.json")  # the inputs differ
     assert hub == local
 
 
@@ -414,7 +415,7 @@ def test_inspect_json_counts_match_the_files(capsys: pytest.CaptureFixture[str])
 
 def test_merge_keeps_layout_and_side_files(work: Path) -> None:
     lorasurgeon.merge(work / "base", [work / "adapter"], work / "out")
-    base_files = sorted(p.name for p in (work / "base").iterdir())
+    base_files = sorted([p.name for p in (work / "base").iterdir()] + ["lorasurgeon.json"])
     assert sorted(p.name for p in (work / "out").iterdir()) == base_files
     for name in ("config.json", "generation_config.json", "model.safetensors.index.json"):
         assert (work / "out" / name).read_bytes() == (work / "base" / name).read_bytes()
@@ -463,7 +464,7 @@ def _spec_options(command: str) -> set[str]:
 
 
 @pytest.mark.skipif(not SPEC.exists(), reason="shared/spec/cli.md is not beside the checkout")
-@pytest.mark.parametrize("command", ["merge", "extract", "combine", "resize", "inspect"])
+@pytest.mark.parametrize("command", ["merge", "extract", "combine", "resize", "inspect", "batch"])
 def test_help_offers_every_option_of_the_contract(command: str) -> None:
     params = cli.commands[command].params
     offered = {opt for p in params for opt in p.opts if opt.startswith("--")}

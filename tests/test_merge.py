@@ -414,7 +414,9 @@ def test_merge_single_file_keeps_names_and_metadata(conv_net: TinyBase, tmp_path
 
     with safe_open(out, "pt") as fo, safe_open(conv_net.path, "pt") as fb:
         assert sorted(fo.keys()) == sorted(fb.keys())
-        assert fo.metadata() == fb.metadata()
+        metadata = dict(fo.metadata())
+        assert json.loads(metadata.pop("lorasurgeon"))["command"] == "merge"  # provenance
+        assert metadata == fb.metadata()
 
 
 def test_merge_copies_untouched_tensors_bit_for_bit(llama_bf16: TinyBase, tmp_path: Path) -> None:

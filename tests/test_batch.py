@@ -1,0 +1,333 @@
+"""lorasurgeon batch: manifests, validation, resume by provenance, shards, signals, push."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+import lorasurgeon
+from lorasurgeon import batch, provenance
+from lorasurgeon.cli import main
+
+from .test_cli import FIXTURES, REPO, _fill_hub_cache
+
+BASE, TUNED, ADAPTER = (str(FIXTURES / n) for n in ("base", "tuned", "adapter"))
+HUB_REV = "b" * 40
+
+JOBS: list[dict[str, Any]] = [
+    {"name": "m", "command": "merge", "inputs": [BASE, ADAPTER], "output": "out/m",
+     "weight": [0.5], "device": "cpu"},
+    {"name": "x", "command": "extract", "inputs": [BASE, TUNED], "output": "out/x", "rank": 2,
+     "svd": "exact", "target_modules": "q_proj,v_proj"},
+    {"name": "c", "command": "combine", "inputs": [ADAPTER, ADAPTER], "output": "out/c",
+     "method": "cat", "weight": [0.3, 0.7]},
+    {"name": "r", "command": "resize", "inputs": [ADAPTER], "output": "out/r", "rank": 2},
+]  # fmt: skip
+
+
+def write_manifest(root: Path, jobs: list[dict[str, Any]], **top: Any) -> Path:
+    import yaml
+
+    path = root / "jobs.yaml"
+    path.write_text(yaml.safe_dump({**top, "jobs": jobs}))
+    return path
+
+
+@dataclass
+class Ran:
+    exit_code: int
+    output: str  # stdout and stderr
+
+
+def run_batch(*args: str) -> Ran:
+    """``lorasurgeon batch ARGS`` through ``main``, which maps errors to exit codes."""
+    with CliRunner().isolation() as (_, _, output):
+        try:
+            main(["batch", *args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        return Ran(code, output.getvalue().decode())
+
+
+def weights(out: Path) -> dict[str, bytes]:
+    """Every file an output holds but its provenance (which names its own options)."""
+    files = [out] if out.is_file() else sorted(p for p in out.rglob("*") if p.is_file())
+    return {p.name: p.read_bytes() for p in files if p.name != provenance.PROVENANCE_NAME}
+
+
+def results(path: Path) -> dict[str, str]:
+    return {j["name"]: j["status"] for j in json.loads(path.read_text())["jobs"]}
+
+
+def test_a_manifest_of_mixed_jobs_writes_what_the_single_commands_write(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, JOBS, defaults={"dtype": "auto"})
+    result = run_batch(str(manifest), "--results", str(tmp_path / "r.json"))
+    assert result.exit_code == 0, result.output
+    assert results(tmp_path / "r.json") == {"m": "done", "x": "done", "c": "done", "r": "done"}
+    single = tmp_path / "single"
+    single.mkdir()
+    lorasurgeon.merge(BASE, [ADAPTER], single / "m", weights=[0.5], device="cpu", dtype="auto")
+    lorasurgeon.extract(BASE, TUNED, single / "x", rank=2, svd="exact", dtype="auto",
+                        target_modules=["q_proj", "v_proj"])  # fmt: skip
+    lorasurgeon.combine([ADAPTER, ADAPTER], single / "c", method="cat", weights=[0.3, 0.7],
+                        dtype="auto")  # fmt: skip
+    lorasurgeon.resize(ADAPTER, single / "r", rank=2, dtype="auto")
+    for name in "mxcr":
+        ours, theirs = tmp_path / "out" / name, single / name
+        assert weights(ours) == weights(theirs), name
+        assert provenance.identity(provenance.read_provenance(ours) or {}) == (
+            provenance.identity(provenance.read_provenance(theirs) or {}))  # fmt: skip
+
+
+def test_rerun_skips_done_jobs_and_reruns_exactly_the_changed_ones(tmp_path: Path) -> None:
+    jobs = [dict(job, overwrite=True) for job in JOBS]
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for f in Path(ADAPTER).iterdir():
+        (adapter / f.name).write_bytes(f.read_bytes())
+    jobs[3]["inputs"] = ["adapter"]  # relative to the manifest's directory
+    manifest = write_manifest(tmp_path, jobs)
+    assert run_batch(str(manifest)).exit_code == 0
+    assert run_batch(str(manifest), "--results", str(tmp_path / "a.json")).exit_code == 0
+    assert set(results(tmp_path / "a.json").values()) == {"skipped"}
+
+    jobs[1]["rank"] = 3  # an option changes
+    data = bytearray((adapter / "adapter_model.safetensors").read_bytes())
+    data[-1] ^= 1  # an input changes
+    (adapter / "adapter_model.safetensors").write_bytes(bytes(data))
+    manifest = write_manifest(tmp_path, jobs)
+    assert run_batch(str(manifest), "--results", str(tmp_path / "b.json")).exit_code == 0
+    assert results(tmp_path / "b.json") == {"m": "skipped", "x": "done", "c": "skipped",
+                                            "r": "done"}  # fmt: skip
+
+
+def test_an_existing_output_made_differently_fails_without_overwrite(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, [JOBS[3]])
+    assert run_batch(str(manifest)).exit_code == 0
+    manifest = write_manifest(tmp_path, [dict(JOBS[3], rank=3)])
+    result = run_batch(str(manifest), "--results", str(tmp_path / "r.json"))
+    assert result.exit_code == 1
+    [job] = json.loads((tmp_path / "r.json").read_text())["jobs"]
+    assert job["status"] == "failed" and job["error"].startswith("error: ")
+
+
+def test_a_failing_job_leaves_the_others_done(tmp_path: Path) -> None:
+    bad = {"name": "bad", "command": "merge", "inputs": [BASE, TUNED], "output": "out/bad"}
+    # TUNED is a checkpoint, not an adapter: found when the job runs (exit 1), not before
+    manifest = write_manifest(tmp_path, [bad, JOBS[3]])
+    result = run_batch(str(manifest), "--results", str(tmp_path / "r.json"))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert results(tmp_path / "r.json") == {"bad": "failed", "r": "done"}
+    assert not (tmp_path / "out" / "bad").exists()
+    error = json.loads((tmp_path / "r.json").read_text())["jobs"][0]["error"]
+    assert error.startswith("error: ") and "\n" not in error
+    result = run_batch(str(manifest), "--fail-fast", "--results", str(tmp_path / "f.json"))
+    assert result.exit_code == 1 and results(tmp_path / "f.json") == {"bad": "failed"}
+
+
+def test_shards_cover_every_job_exactly_once(tmp_path: Path) -> None:
+    jobs = [dict(JOBS[3], name=f"r{i}", output=f"out/r{i}") for i in range(7)]
+    manifest = lorasurgeon.read_manifest(write_manifest(tmp_path, jobs))
+    for n in range(1, 5):
+        shares = [batch.shard_jobs(manifest.jobs, (i, n)) for i in range(1, n + 1)]
+        names = [job.name for share in shares for job in share]
+        assert sorted(names) == sorted(j["name"] for j in jobs)
+        assert shares == [batch.shard_jobs(manifest.jobs, (i, n)) for i in range(1, n + 1)]
+    result = run_batch(str(tmp_path / "jobs.yaml"), "--shard", "2/3", "--dry-run")
+    assert result.exit_code == 0
+    assert [line.split(":")[0] for line in result.output.splitlines()[:-1]] == ["r1", "r4"]
+    assert run_batch(str(tmp_path / "jobs.yaml"), "--shard", "4/3").exit_code == 2
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, JOBS)
+    result = run_batch(str(manifest), "--dry-run")
+    assert result.exit_code == 0 and "4 jobs: 0 done, 4 to run" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+BAD_MANIFESTS = [
+    ("jobs: [command: merge", "not valid YAML"),
+    ([{"command": "fold", "inputs": [ADAPTER], "output": "o"}], "job 1: unknown command 'fold'"),
+    ([dict(JOBS[3], ranks=2)], "job 1 (r): unknown option 'ranks' for resize"),
+    ([dict(JOBS[3], rank="two")], "job 1 (r): option 'rank': expected int"),
+    ([dict(JOBS[3], rank_method="energy")], "job 1 (r): "),
+    ([dict(JOBS[2], method="tie")], "job 1 (c): "),
+    ([JOBS[3], dict(JOBS[2], output="out/r")], "out/r is also job 1's (r)"),
+    ([dict(JOBS[3], inputs=["missing"])], "job 1 (r): input 'missing' does not exist"),
+    ([dict(JOBS[3], output=ADAPTER + "/sub")], "lies inside input"),
+    ([dict(JOBS[3], inputs=[BASE, ADAPTER])], "job 1 (r): resize takes 1 inputs, 2 given"),
+    ([{k: v for k, v in JOBS[3].items() if k != "output"}], "job 1 (r): needs `output:`"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("content", "message"), BAD_MANIFESTS)
+def test_bad_manifests_are_usage_errors_naming_the_job(
+    tmp_path: Path, content: Any, message: str
+) -> None:
+    if isinstance(content, str):
+        manifest = tmp_path / "jobs.yaml"
+        manifest.write_text(content)
+    else:
+        manifest = write_manifest(tmp_path, content)
+    result = run_batch(str(manifest))
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_jsonl_manifests_and_hub_jobs_with_pinned_revisions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants as constants
+
+    hub = tmp_path / "hf" / "hub"
+    _fill_hub_cache(hub, "acme/tiny-lora", FIXTURES / "adapter", HUB_REV)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    job = {"name": "hub", "command": "resize", "inputs": [f"acme/tiny-lora@{HUB_REV}"],
+           "output": "out/hub", "rank": 2}  # fmt: skip
+    manifest = tmp_path / "jobs.jsonl"
+    manifest.write_text(json.dumps(job) + "\n")
+    assert run_batch(str(manifest)).exit_code == 0
+    record = provenance.read_provenance(tmp_path / "out" / "hub") or {}
+    assert record["inputs"][0]["repo_id"] == "acme/tiny-lora"
+    assert record["inputs"][0]["revision"] == HUB_REV
+    lorasurgeon.resize(ADAPTER, tmp_path / "local", rank=2)
+    assert weights(tmp_path / "out" / "hub") == weights(tmp_path / "local")
+    result = run_batch(str(manifest), "--results", str(tmp_path / "r.json"))
+    assert result.exit_code == 0 and results(tmp_path / "r.json") == {"hub": "skipped"}
+
+
+def test_ray_without_ray_installed_is_a_usage_error(tmp_path: Path) -> None:
+    if _has_ray():
+        pytest.skip("Ray is installed")
+    result = run_batch(str(write_manifest(tmp_path, [JOBS[3]])), "--ray", "auto")
+    assert result.exit_code == 2 and "pip install 'lorasurgeon[ray]'" in result.output
+
+
+def _has_ray() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
+def test_push_uploads_the_output_with_provenance_and_a_model_card(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    class FakeApi:
+        def __getattr__(self, name: str) -> Any:
+            def call(*args: Any, **kwargs: Any) -> None:
+                if name == "upload_folder":
+                    kwargs["files"] = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
+                calls.append((name, {"args": args, **kwargs}))
+
+            return call
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    manifest = write_manifest(tmp_path, [dict(JOBS[3], push_to="me/small@v1")])
+    assert run_batch(str(manifest)).exit_code == 0
+    names = [name for name, _ in calls]
+    assert names == ["create_repo", "create_branch", "upload_folder", "upload_file"]
+    assert calls[0][1]["private"] is True and calls[0][1]["args"] == ("me/small",)
+    assert "lorasurgeon.json" in calls[2][1]["files"] and calls[2][1]["revision"] == "v1"
+    card = calls[3][1]["path_or_fileobj"].decode()
+    assert f"adapter: {ADAPTER}" in card
+
+
+def _slow_manifest(root: Path, count: int) -> Path:
+    jobs = [dict(JOBS[0], name=f"m{i}", output=f"out/m{i}") for i in range(count)]
+    return write_manifest(root, jobs)
+
+
+@pytest.mark.parametrize(("sig", "workers"), [(signal.SIGTERM, "1"), (signal.SIGKILL, "2")])
+def test_a_killed_batch_reruns_only_what_is_not_done(
+    tmp_path: Path, sig: signal.Signals, workers: str
+) -> None:
+    manifest = _slow_manifest(tmp_path, 12)  # enough that the kill lands with jobs to do
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "lorasurgeon", "batch", str(manifest), "--jobs", workers]
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "out" / "m0").exists() and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1]
+        time.sleep(0.05)
+    process.send_signal(sig)
+    process.communicate(timeout=120)
+    time.sleep(2)  # workers die with the batch (PR_SET_PDEATHSIG) and clean up
+    finished = {p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")}
+    result = subprocess.run([*command, "--results", str(tmp_path / "r.json")], env=env,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    statuses = results(tmp_path / "r.json")
+    assert statuses["m0"] == "skipped"
+    assert statuses == {name: "skipped" if name in finished else "done" for name in statuses}
+    leftovers = [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        f"m{i}" for i in range(12)
+    )
+
+
+def _listeners(pids: set[int]) -> list[str]:
+    """Local addresses that processes ``pids`` listen on (``ss -ltnp``)."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in out.splitlines():
+        if any(f"pid={pid}," in line for pid in pids):
+            found.append(line.split()[3])
+    return found
+
+
+def test_ray_backend_runs_the_manifest_on_a_local_cluster_like_local_workers(
+    tmp_path: Path,
+) -> None:
+    if not _has_ray():
+        pytest.skip("Ray is not installed (pip install 'lorasurgeon[ray]')")
+    import ray
+
+    extra = os.path.dirname(os.path.dirname(ray.__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), extra]),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # fmt: skip
+    # Measured: --node-ip-address=127.0.0.1 alone still listened on the machine's address.
+    cli_ray = [sys.executable, "-m", "ray.scripts.scripts"]
+    port = "6391"
+    subprocess.run([*cli_ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                    "--dashboard-host=127.0.0.1", "--include-dashboard=false", "--num-cpus=2",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True,
+                   timeout=300)  # fmt: skip
+    try:
+        pids = {int(p) for p in subprocess.run(["pgrep", "-f", "ray"], capture_output=True,
+                                               text=True).stdout.split()}  # fmt: skip
+        addresses = _listeners(pids)
+        loopback = ("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")
+        assert addresses and all(a.startswith(loopback) for a in addresses), addresses
+        manifest = write_manifest(tmp_path, [JOBS[0], JOBS[3]])
+        result = subprocess.run(
+            [sys.executable, "-m", "lorasurgeon", "batch", str(manifest), "--ray",
+             f"127.0.0.1:{port}", "--results", str(tmp_path / "r.json")],
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert results(tmp_path / "r.json") == {"m": "done", "r": "done"}
+    finally:
+        subprocess.run([*cli_ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    local = tmp_path / "local"
+    local.mkdir()
+    lorasurgeon.resize(ADAPTER, local / "r", rank=2)
+    lorasurgeon.merge(BASE, [ADAPTER], local / "m", weights=[0.5], device="cpu")
+    for name in "mr":
+        assert weights(tmp_path / "out" / name) == weights(local / name)
