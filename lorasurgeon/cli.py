@@ -51,6 +51,12 @@ class DeviceParam(click.ParamType):  # type: ignore[type-arg]
         return text
 
 
+_DEVICE_OPTION = click.option(
+    "--device", type=DeviceParam(), default="auto", show_default=True,
+    help="Where to compute: the first GPU when there is one, else the CPU.",
+)  # fmt: skip
+
+
 def _common(f: F) -> F:
     f = click.option("--quiet", "-q", is_flag=True, help="No progress bars.")(f)
     f = click.option("--debug", is_flag=True, help="Show a traceback on errors.")(f)
@@ -60,10 +66,7 @@ def _common(f: F) -> F:
 def _compute_options(f: F) -> F:
     """--overwrite, --device, --quiet and --debug: shared by the commands that write."""
     f = _common(f)
-    f = click.option(
-        "--device", type=DeviceParam(), default="auto", show_default=True,
-        help="Where to compute: the first GPU when there is one, else the CPU.",
-    )(f)  # fmt: skip
+    f = _DEVICE_OPTION(f)
     f = click.option(
         "--overwrite", is_flag=True, help="Replace OUT if it exists (only once done)."
     )(f)
@@ -630,10 +633,7 @@ def resize(
     "--plot", default=None, metavar="OUT.html|OUT.svg",
     help="Draw the change per layer and module, and the spectra (needs --spectrum).",
 )  # fmt: skip
-@click.option(
-    "--device", type=DeviceParam(), default="auto", show_default=True,
-    help="Where to compute: the first GPU when there is one, else the CPU.",
-)  # fmt: skip
+@_DEVICE_OPTION
 @_common
 def diff_command(
     a: str, b: str, spectrum: int | None, as_json: bool, plot: str | None, device: str,
@@ -680,10 +680,7 @@ def diff_command(
 @click.option("--unmerge", is_flag=True, help="MERGED should be BASE with the updates removed.")
 @_FAN_IN_FAN_OUT
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option(
-    "--device", type=DeviceParam(), default="auto", show_default=True,
-    help="Where to compute: the first GPU when there is one, else the CPU.",
-)  # fmt: skip
+@_DEVICE_OPTION
 @_common
 def verify(
     merged: str, base: str, adapters: tuple[str, ...], weights: tuple[float, ...],
