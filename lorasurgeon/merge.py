@@ -11,12 +11,12 @@ import dataclasses
 import json
 import logging
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import engine, provenance
 from .adapters import Adapter, LoraModule, open_adapter
@@ -28,6 +28,7 @@ from .layouts import open_layout
 from .locations import Location, Role, resolve
 from .options import check_finite
 from .plans import STARTING_KINDS, Change, ChangeKind, MergePlan, TensorPlan
+from .provenance import PROVENANCE_NAME
 from .reader import (
     Checkpoint,
     TensorInfo,
@@ -39,6 +40,7 @@ from .targets import INPUT_EMBEDDING_NAMES, OUTPUT_EMBEDDING_NAMES, Layout, Layo
 from .writer import (
     OutputLayout,
     OutputTensor,
+    Staging,
     parse_size,
     plan_layout,
 )
@@ -691,6 +693,7 @@ def _write_folder(
     plan: MergePlan,
     out: Path,
     device: str,
+    record: provenance.Provenance,
     *,
     overwrite: bool,
     progress: ProgressCallback | None,
@@ -701,29 +704,44 @@ def _write_folder(
     behind on failure."""
     from .stream import computed_tensors
 
-    staging = out.parent / f".{out.name}.partial-{secrets.token_hex(6)}"
-    old = out.parent / f".{out.name}.old-{secrets.token_hex(6)}"
-    written = 0
-    try:
-        staging.mkdir()
-        for name, sub in plan.components:
-            written += engine.run(_output(sub, staging / name), computed_tensors(sub, device),
-                                  overwrite=False, progress=progress)  # fmt: skip
-        for name, source in plan.copied_entries:
-            _copy_entry(source, staging / name, out)
-        moved = out.exists() and overwrite
-        if moved:
-            out.rename(old)
+    written, outputs = 0, []
+    with Staging(out) as names:
+        staging, old = names.tmp, names.old
         try:
-            staging.rename(out)
-        except BaseException:
+            staging.mkdir()
+            for name, sub in plan.components:
+                output = dataclasses.replace(_output(sub, staging / name), provenance=record)
+                written += engine.run(output, computed_tensors(sub, device), overwrite=False,
+                                      progress=progress)  # fmt: skip
+                outputs += _component_outputs(staging / name, name)
+            for name, source in plan.copied_entries:
+                _copy_entry(source, staging / name, out)
+            (staging / PROVENANCE_NAME).write_text(
+                json.dumps(record.record(outputs), indent=2, sort_keys=True) + "\n",
+                encoding="utf-8",
+            )
+            moved = out.exists() and overwrite
             if moved:
-                old.rename(out)  # the old output stays in place
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+                out.rename(old)
+            try:
+                staging.rename(out)
+            except BaseException:
+                if moved:
+                    old.rename(out)  # the old output stays in place
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
     return written
+
+
+def _component_outputs(component: Path, name: str) -> list[dict[str, Any]]:
+    """The weight files one component's run recorded (hashed as written), named from the
+    folder's top; its own record is folded into the folder's one."""
+    path = component / PROVENANCE_NAME
+    own = json.loads(path.read_text(encoding="utf-8"))
+    path.unlink()
+    return [{**entry, "name": f"{name}/{entry['name']}"} for entry in own["outputs"] or ()]
 
 
 def _copy_entry(source: Path, target: Path, out: Path) -> None:
@@ -811,7 +829,8 @@ def merge(
     from .stream import computed_tensors  # imports torch lazily: kept out of planning
 
     if plan.components:
-        written = _write_folder(plan, out_path, device, overwrite=overwrite, progress=progress)
+        written = _write_folder(plan, out_path, device, record, overwrite=overwrite,
+                                progress=progress)  # fmt: skip
     else:
         written = engine.run(
             dataclasses.replace(_output(plan, out_path), provenance=record),

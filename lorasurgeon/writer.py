@@ -30,6 +30,7 @@ from .reader import INDEX_NAMES, SINGLE_NAMES, Checkpoint
 __all__ = [
     "SHARD_NAME_FORMAT",
     "CheckpointWriter",
+    "Staging",
     "DType",
     "OutputLayout",
     "OutputShard",
@@ -400,6 +401,64 @@ def recover(out: Path) -> list[str]:
     return done
 
 
+def _hold_lock(path: Path) -> int:
+    """Create and lock ``path`` (held until ``_drop_lock``). Locked under a hidden name first,
+    then renamed: a lock file visible under its final name is always held, so ``recover``
+    never mistakes a starting run for a dead one."""
+    staging = path.with_name(path.name + ".new")
+    fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(staging, path)
+    except BaseException:
+        os.close(fd)
+        staging.unlink(missing_ok=True)
+        raise
+    return fd
+
+
+def _drop_lock(path: Path, fd: int | None) -> None:
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".new").unlink(missing_ok=True)
+    if fd is not None:
+        os.close(fd)
+
+
+@dataclass
+class Staging:
+    """The names one run uses beside ``out`` (see ``recover``): ``tmp`` for the output being
+    built, ``old`` for a replaced output between the renames of an overwrite, both guarded by
+    a lock held while the ``with`` block runs. For outputs the engine does not write in one
+    piece (a diffusers folder built component by component)."""
+
+    out: Path
+    token: str = field(default_factory=lambda: secrets.token_hex(4))
+    _fd: int | None = None
+
+    @property
+    def tmp(self) -> Path:
+        return self.out.parent / _PARTIAL.format(name=self.out.name, token=self.token)
+
+    @property
+    def old(self) -> Path:
+        return self.out.parent / _OLD.format(name=self.out.name, token=self.token)
+
+    @property
+    def lock(self) -> Path:
+        return self.tmp.with_name(self.tmp.name + _LOCK_SUFFIX)
+
+    def __enter__(self) -> Staging:
+        try:
+            self._fd = _hold_lock(self.lock)
+        except OSError as e:
+            raise _os_error(e, self.out) from e
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _drop_lock(self.lock, self._fd)
+        self._fd = None
+
+
 def _os_error(e: OSError, out: Path, tensor: str | None = None) -> OutputError:
     """An ``OSError`` met while writing ``out``, as an error naming ``out`` (not a temp path)."""
     reason = e.strerror or str(e)
@@ -503,13 +562,7 @@ class CheckpointWriter:
             self._cleanup()
 
     def _take_lock(self) -> None:
-        # Locked under a hidden name first, then renamed: a lock file visible under its final
-        # name is always held, so ``recover`` never mistakes a starting run for a dead one.
-        staging = self._lock_path.with_name(self._lock_path.name + ".new")
-        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        self._lock_fd = fd
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.rename(staging, self._lock_path)
+        self._lock_fd = _hold_lock(self._lock_path)
 
     def _open_shard(self, shard: OutputShard) -> None:
         header, offsets = shard.header()
@@ -690,11 +743,8 @@ class CheckpointWriter:
             os.close(fd)
 
     def _release_lock(self) -> None:
-        self._lock_path.unlink(missing_ok=True)
-        self._lock_path.with_name(self._lock_path.name + ".new").unlink(missing_ok=True)
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        _drop_lock(self._lock_path, self._lock_fd)
+        self._lock_fd = None
 
     def _cleanup(self) -> None:
         self._close_fds()

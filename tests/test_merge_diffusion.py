@@ -6,6 +6,8 @@ file (LyCORIS, FLUX at tiny widths), against the spec's formula computed here in
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -641,6 +643,16 @@ def test_diffusers_folder_merged_component_by_component(
         assert (out / "vae" / path.name).read_bytes() == path.read_bytes()
     assert (out / "model_index.json").read_bytes() == (base / "model_index.json").read_bytes()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    record = json.loads((out / "lorasurgeon.json").read_text())
+    merged = {e["name"]: e["sha256"] for e in record["outputs"]}
+    assert set(merged) == {f"{n}/{f}" for n, f in _weight_files(out, parts)}
+    for name, digest in merged.items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+    assert not list(out.glob("*/lorasurgeon.json"))  # one record, at the folder's top
+
+
+def _weight_files(out: Path, parts: dict[str, object]) -> list[tuple[str, str]]:
+    return [(n, p.name) for n in parts for p in (out / n).glob("*.safetensors")]
 
 
 def test_diffusers_folder_failure_leaves_nothing(
@@ -667,7 +679,9 @@ def test_diffusers_folder_failure_leaves_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "lora.safetensors"]
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep").write_text("old")
+    (tmp_path / "out" / "model_index.json").write_text("{}")  # an earlier pipeline output
     with pytest.raises(lorasurgeon.OutputError):
         lorasurgeon.merge(base, [lora], tmp_path / "out", weights=[0.6], overwrite=True)
     assert (tmp_path / "out" / "keep").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "lora.safetensors", "out"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep", "model_index.json"]
