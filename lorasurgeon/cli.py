@@ -220,11 +220,13 @@ def _plot_path(plot: str | None) -> None:
 def cli(_debug: bool) -> None:
     """Operate on checkpoints without loading a model.
 
-    Fold PEFT LoRA adapters into safetensors checkpoints (`merge`), pull a LoRA out of a
-    fine-tune (`extract`), mix adapters (`combine`), change their ranks (`resize`) and see
-    what a checkpoint or adapter holds (`inspect`). Every
-    LOCATION is a checkpoint directory, a .safetensors file, a PEFT adapter directory, or a
-    Hub repo id owner/name[@revision].
+    Fold LoRA adapters into safetensors checkpoints (`merge`; PEFT adapters, and kohya,
+    LyCORIS and diffusers LoRAs into SD/SDXL/FLUX checkpoints), pull a LoRA out of a
+    fine-tune (`extract`), mix adapters (`combine`), change their ranks (`resize`), see what
+    a checkpoint or adapter holds (`inspect`), what changed between two checkpoints (`diff`)
+    and whether a merge is what it claims (`verify`), and run many jobs from a manifest
+    (`batch`). Every LOCATION is a checkpoint directory, a .safetensors file, a PEFT adapter
+    directory, a LoRA file, or a Hub repo id owner/name[@revision].
 
     \b
     Examples:
@@ -232,6 +234,8 @@ def cli(_debug: bool) -> None:
       lorasurgeon merge fixtures/base fixtures/adapter -o merged
       lorasurgeon merge meta-llama/Llama-3.1-8B me/my-lora -o llama-merged
       lorasurgeon combine me/style-lora me/subject-lora --svd --rank 16 -o mixed
+      lorasurgeon diff base/ tuned/ --spectrum
+      lorasurgeon batch jobs.yaml --jobs 2
     """
 
 
