@@ -802,16 +802,26 @@ def batch(
         _echo(render.batch_plan_lines(jobs, [api.is_done(j) for j in jobs]), err=False)
         return
     finished: list[int] = [0]
+    bar = _Bar(quiet, "batch", unit="job")  # the overall bar, under the per-job lines
 
     def report(result: api.JobResult) -> None:
         finished[0] += 1
         if not quiet or result.error:
-            click.echo(render.batch_line(finished[0], len(jobs), result), err=True)
+            line = render.batch_line(finished[0], len(jobs), result)
+            if bar.bar is not None:
+                bar.bar.write(line, file=sys.stderr)
+            else:
+                click.echo(line, err=True)
+        bar(finished[0], len(jobs))
 
-    if ray_address is not None:
-        results = api.run_ray(jobs, ray_address, fail_fast=fail_fast, on_result=report)
-    else:
-        results = api.run_local(jobs, workers=workers, fail_fast=fail_fast, on_result=report)
+    try:
+        if ray_address is not None:
+            results = api.run_ray(jobs, ray_address, fail_fast=fail_fast, on_result=report)
+        else:
+            results = api.run_local(jobs, workers=workers, fail_fast=fail_fast,
+                                    on_result=report)  # fmt: skip
+    finally:
+        bar.close()
     _echo(render.batch_table(results, len(jobs) - len(results)))
     counts = {s: sum(1 for r in results if r.status.value == s)
               for s in ("done", "skipped", "failed")}  # fmt: skip
