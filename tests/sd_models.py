@@ -381,3 +381,25 @@ def write_kohya(
             state[f"{name}.alpha"] = torch.tensor(alpha, dtype=alpha_dtype)
     save_file(state, str(path), metadata=metadata)
     return path
+
+
+def sd_kohya_modules(model: TinySD) -> dict[str, nn.Module]:
+    """sd-scripts' modules of a tiny SD model: attention blocks, LoCon convs and every text
+    encoder, by kohya name. SDXL's UNet names are SGM (LDM) paths, as sd-scripts writes them."""
+    modules = kohya_modules(model.unet, "lora_unet_", UNET_TARGETS + CONV_TARGETS)
+    if model.family == "sdxl":
+        to_ldm = {
+            k.removesuffix(".weight"): v.removesuffix(".weight")
+            for k, v in ldm_names(list(model.unet_state())).items()
+        }
+        by_kohya = {
+            "lora_unet_" + k.replace(".", "_"): "lora_unet_" + v.replace(".", "_")
+            for k, v in to_ldm.items()
+        }
+        modules = {by_kohya[k]: m for k, m in modules.items()}
+        prefixes = ["lora_te1_", "lora_te2_"]
+    else:
+        prefixes = ["lora_te_"]
+    for prefix, encoder in zip(prefixes, model.text_encoders, strict=True):
+        modules |= kohya_modules(encoder, prefix, TEXT_TARGETS, text=True)
+    return modules

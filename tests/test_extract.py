@@ -201,17 +201,7 @@ def test_missing_tensor_in_tuned_is_an_error(
 
 
 def test_gpt2_conv1d_extract_loads_in_peft(gpt2: TinyBase, tmp_path: Path) -> None:
-    model = gpt2.load(torch.float32)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and any(k in name for k in ("c_attn", "c_proj", "c_fc")):
-                p += (
-                    0.05
-                    * torch.randn(p.shape[0], 2, generator=g)
-                    @ torch.randn(2, p.shape[1], generator=g)
-                )
-    model.save_pretrained(tmp_path / "tuned")
+    _gpt2_tuned(gpt2, tmp_path / "tuned")
     report = lorasurgeon.extract(gpt2.path, tmp_path / "tuned", tmp_path / "lora", rank=2)
     assert len(report.modules) == 8 and all(m.rel_error < 1e-5 for m in report.modules)
     peft_model = PeftModel.from_pretrained(gpt2.load(torch.float32), tmp_path / "lora")
@@ -350,6 +340,7 @@ def test_resized_vocabulary_says_what_to_do_and_saved_modules_load_in_peft(
 
 
 def _gpt2_tuned(gpt2: TinyBase, path: Path) -> Path:
+    """GPT-2 with a planted rank-2 change on every Conv1D weight, saved with its config."""
     model = gpt2.load(torch.float32)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():

@@ -18,18 +18,16 @@ from lorasurgeon.formats import Component, Family, mangle, read_lora
 from lorasurgeon.layouts import LayoutKind, Target, open_layout, resolve_updates
 from lorasurgeon.reader import open_checkpoint
 from tests.sd_models import (
-    CONV_TARGETS,
-    TEXT_TARGETS,
     UNET_TARGETS,
     TinySD,
     bfl_state,
     kohya_modules,
-    ldm_names,
     ldm_state,
     ldm_unet,
     open_clip,
     save_diffusers,
     save_ldm,
+    sd_kohya_modules,
     tiny_flux,
     tiny_sd,
     write_kohya,
@@ -150,24 +148,6 @@ def _check_resolved(
     return len(resolution.matched)
 
 
-def _sd_kohya_modules(model: TinySD, family: str) -> dict[str, nn.Module]:
-    """sd-scripts' modules: attention blocks, LoCon convs, and every text encoder."""
-    modules = kohya_modules(model.unet, "lora_unet_", UNET_TARGETS + CONV_TARGETS)
-    if family == "sdxl":  # sd-scripts' SDXL UNet uses the SGM (LDM) module paths
-        to_ldm = ldm_names(list(model.unet_state()))
-        by_kohya = {"lora_unet_" + mangle(k.removesuffix(".weight")): k for k in to_ldm}
-        modules = {
-            "lora_unet_" + mangle(to_ldm[by_kohya[name]].removesuffix(".weight")): module
-            for name, module in modules.items()
-        }
-        prefixes = ["lora_te1_", "lora_te2_"]
-    else:
-        prefixes = ["lora_te_"]
-    for prefix, encoder in zip(prefixes, model.text_encoders, strict=True):
-        modules |= kohya_modules(encoder, prefix, TEXT_TARGETS, text=True)
-    return modules
-
-
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 @pytest.mark.parametrize("layout", ["ldm", "diffusers"])
 def test_every_kohya_module_resolves_to_its_base_tensor(
@@ -176,7 +156,7 @@ def test_every_kohya_module_resolves_to_its_base_tensor(
     """sd-scripts names (diffusers UNet paths for SD1/SD2, SGM paths for SDXL; text encoders
     with text_model.) reach the right tensor in both layouts: OpenCLIP q/k/v as row slices
     of in_proj_weight, LDM and diffusers UNet spellings through the base's own keys."""
-    modules = _sd_kohya_modules(models[family], family)
+    modules = sd_kohya_modules(models[family])
     lora = write_kohya(tmp_path / "lora.safetensors", modules)
     weights = {name: m.weight.detach() for name, m in modules.items()}
     assert _check_resolved(lora, bases[f"{family}-{layout}"], weights) == len(modules)
@@ -349,7 +329,7 @@ def test_diffusers_lora_names_resolve_in_ldm_files(
 def test_sdxl_lora_refused_on_sd1_base(
     models: dict[str, TinySD], bases: dict[str, Path], tmp_path: Path
 ) -> None:
-    lora = write_kohya(tmp_path / "xl.safetensors", _sd_kohya_modules(models["sdxl"], "sdxl"))
+    lora = write_kohya(tmp_path / "xl.safetensors", sd_kohya_modules(models["sdxl"]))
     with pytest.raises(IncompatibleError, match="a sdxl LoRA does not fit this sd1 base") as e:
         resolve_updates(open_layout(bases["sd1-ldm"]), read_lora(lora))
     assert e.value.path == str(lora)
@@ -359,7 +339,7 @@ def test_text_encoder_modules_on_a_unet_only_file(
     models: dict[str, TinySD], bases: dict[str, Path], tmp_path: Path
 ) -> None:
     """Refused by default, naming the module; left out and counted with skip_text_encoder."""
-    modules = _sd_kohya_modules(models["sd1"], "sd1")
+    modules = sd_kohya_modules(models["sd1"])
     lora = write_kohya(tmp_path / "lora.safetensors", modules)
     layout, read = open_layout(bases["sd1-unet-ldm"]), read_lora(lora)
     with pytest.raises(IncompatibleError, match="base has no such text encoder") as e:

@@ -19,15 +19,12 @@ from torch import nn
 import lorasurgeon
 from lorasurgeon.cli import main
 from tests.sd_models import (
-    CONV_TARGETS,
-    TEXT_TARGETS,
-    UNET_TARGETS,
     TinySD,
     bfl_state,
-    kohya_modules,
     ldm_names,
     open_clip,
     save_ldm,
+    sd_kohya_modules,
     tiny_flux,
     tiny_sd,
     write_kohya,
@@ -110,26 +107,6 @@ def assert_merged(
         assert torch.equal(got[name], original[name]), name
 
 
-def _sd_modules(model: TinySD) -> dict[str, nn.Module]:
-    modules = kohya_modules(model.unet, "lora_unet_", UNET_TARGETS + CONV_TARGETS)
-    if model.family == "sdxl":  # sd-scripts' SDXL names are SGM paths
-        to_ldm = {
-            k.removesuffix(".weight"): v.removesuffix(".weight")
-            for k, v in ldm_names(list(model.unet_state())).items()
-        }
-        by_kohya = {
-            "lora_unet_" + k.replace(".", "_"): "lora_unet_" + v.replace(".", "_")
-            for k, v in to_ldm.items()
-        }
-        modules = {by_kohya[k]: m for k, m in modules.items()}
-        prefixes = ["lora_te1_", "lora_te2_"]
-    else:
-        prefixes = ["lora_te_"]
-    for prefix, encoder in zip(prefixes, model.text_encoders, strict=True):
-        modules |= kohya_modules(encoder, prefix, TEXT_TARGETS, text=True)
-    return modules
-
-
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_kohya_locon_into_ldm_file_equals_diffusers_fuse(
     models: dict[str, TinySD], tmp_path: Path, family: str
@@ -138,12 +115,12 @@ def test_kohya_locon_into_ldm_file_equals_diffusers_fuse(
     slices); one alpha for all modules, where diffusers is right (spec V03-V06)."""
     model = models[family]
     base = save_ldm(model, tmp_path / "base.safetensors")
-    lora = write_kohya(tmp_path / "lora.safetensors", _sd_modules(model), rank=4, alpha=2.0)
+    lora = write_kohya(tmp_path / "lora.safetensors", sd_kohya_modules(model), rank=4, alpha=2.0)
     report = lorasurgeon.merge(base, [lora], tmp_path / "out.safetensors", weights=[0.7])
     expected = diffusers_fused_ldm(model, lora, 0.7)
     changed = {k: v for k, v in expected.items() if not torch.equal(v, load_file(str(base))[k])}
     fused_qkv = 3 * model.text_encoders[-1].config.num_hidden_layers if family != "sd1" else 0
-    assert report.changed == len(changed) == len(_sd_modules(model)) - 2 * fused_qkv // 3
+    assert report.changed == len(changed) == len(sd_kohya_modules(model)) - 2 * fused_qkv // 3
     assert_merged(tmp_path / "out.safetensors", base, expected)
 
 
@@ -207,7 +184,7 @@ def test_per_module_alphas_follow_the_kohya_formula_where_diffusers_is_wrong(
     merges attention and text-encoder modules with the most common alpha; the kohya formula
     (sd-scripts, ComfyUI, WebUI) is the oracle here, and diffusers is shown to differ."""
     model = models["sd1"]
-    modules = _sd_modules(model)
+    modules = sd_kohya_modules(model)
     lora_path = write_kohya(tmp_path / "lora.safetensors", modules, rank=4, alpha=2.0)
     lora = load_file(str(lora_path))
     for i, name in enumerate(modules):
@@ -394,7 +371,7 @@ def test_text_weight_and_unet_weight_are_separate(
     --weight; a separate TE strength gives the TE tensors of a run at that weight."""
     model = models["sd1"]
     base = save_ldm(model, tmp_path / "base.safetensors")
-    lora = write_kohya(tmp_path / "lora.safetensors", _sd_modules(model))
+    lora = write_kohya(tmp_path / "lora.safetensors", sd_kohya_modules(model))
     lorasurgeon.merge(base, [lora], tmp_path / "a.safetensors", weights=[0.7], te_weights=[0.0])
     lorasurgeon.merge(base, [lora], tmp_path / "b.safetensors", weights=[0.7], te_weights=[1.3])
     lorasurgeon.merge(base, [lora], tmp_path / "c.safetensors", weights=[1.3])
@@ -424,7 +401,7 @@ def test_unet_only_folder_skips_or_refuses_text_encoder_modules(
 ) -> None:
     model = models["sd1"]
     model.unet.save_pretrained(tmp_path / "unet")
-    lora = write_kohya(tmp_path / "lora.safetensors", _sd_modules(model))
+    lora = write_kohya(tmp_path / "lora.safetensors", sd_kohya_modules(model))
     code, err = _run(capsys, "merge", tmp_path / "unet", lora, "-o", tmp_path / "out")
     assert code == 1 and err.startswith("error: ") and "base has no such text encoder" in err
     assert (
@@ -463,8 +440,8 @@ def test_bad_inputs_exit_1_with_one_error_line_and_nothing_written(
     sd1, sdxl = models["sd1"], models["sdxl"]
     base = save_ldm(sd1, tmp_path / "sd1.safetensors")
     fp8 = save_ldm(sd1, tmp_path / "fp8.safetensors", dtype=torch.float8_e4m3fn)
-    xl_lora = write_kohya(tmp_path / "xl.safetensors", _sd_modules(sdxl))
-    sd1_lora = write_kohya(tmp_path / "sd1-lora.safetensors", _sd_modules(sd1))
+    xl_lora = write_kohya(tmp_path / "xl.safetensors", sd_kohya_modules(sdxl))
+    sd1_lora = write_kohya(tmp_path / "sd1-lora.safetensors", sd_kohya_modules(sd1))
     mixed = load_file(str(sd1_lora)) | {
         "unet.x.lora_A.weight": torch.ones(2, 2),
         "unet.x.lora_B.weight": torch.ones(2, 2),
@@ -598,7 +575,7 @@ def test_old_diffusers_file_from_diffusers_own_kohya_conversion(
 
     model = models["sd1"]
     base = save_ldm(model, tmp_path / "base.safetensors")
-    kohya = write_kohya(tmp_path / "kohya.safetensors", _sd_modules(model), rank=4, alpha=2.0)
+    kohya = write_kohya(tmp_path / "kohya.safetensors", sd_kohya_modules(model), rank=4, alpha=2.0)
     converted, alphas = _convert_non_diffusers_lora_to_diffusers(load_file(str(kohya)))
     assert any(".processor.to_q_lora.down.weight" in k for k in converted)
     stored = converted | {k: torch.tensor(v) for k, v in alphas.items()}
@@ -620,7 +597,7 @@ def test_diffusers_folder_merged_component_by_component(
 
     model = models[family]
     base = save_diffusers(model, tmp_path / "base")
-    lora = write_kohya(tmp_path / "lora.safetensors", _sd_modules(model))
+    lora = write_kohya(tmp_path / "lora.safetensors", sd_kohya_modules(model))
     out = tmp_path / "out"
     lorasurgeon.merge(base, [lora], out, weights=[0.6])
     pipe = _pipeline(model)
@@ -668,7 +645,7 @@ def test_diffusers_folder_failure_leaves_nothing(
 
     model = models["sd1"]
     base = save_diffusers(model, tmp_path / "base")
-    lora = write_kohya(tmp_path / "lora.safetensors", _sd_modules(model))
+    lora = write_kohya(tmp_path / "lora.safetensors", sd_kohya_modules(model))
 
     def fail(source: Path, target: Path, out: Path) -> None:
         raise lorasurgeon.OutputError("disk full", path=out)
