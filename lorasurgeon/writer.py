@@ -371,7 +371,7 @@ def recover(out: Path) -> list[str]:
         return []
     prefixes = (f".{name}.partial-", f".{name}.old-")
     tokens = {
-        p.name.removesuffix(_LOCK_SUFFIX).split("-")[-1]
+        p.name.removesuffix(".new").removesuffix(_LOCK_SUFFIX).split("-")[-1]
         for p in parent.iterdir()
         if p.name.startswith(prefixes)
     }
@@ -379,9 +379,11 @@ def recover(out: Path) -> list[str]:
     for token in sorted(tokens):
         partial = parent / _PARTIAL.format(name=name, token=token)
         lock = partial.with_name(partial.name + _LOCK_SUFFIX)
+        staging = lock.with_name(lock.name + ".new")  # a lock not yet renamed into place
         old = parent / _OLD.format(name=name, token=token)
-        fd = _flock(lock) if lock.exists() else None
-        if lock.exists() and fd is None:
+        held = lock if lock.exists() else staging if staging.exists() else None
+        fd = _flock(held) if held is not None else None
+        if held is not None and fd is None:
             continue  # a live run
         try:
             if old.exists() or old.is_symlink():
@@ -395,6 +397,7 @@ def recover(out: Path) -> list[str]:
                 _remove(partial)
                 done.append(f"removed {partial.name}, left by an interrupted run")
             lock.unlink(missing_ok=True)
+            staging.unlink(missing_ok=True)
         finally:
             if fd is not None:
                 os.close(fd)

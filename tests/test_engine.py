@@ -313,3 +313,22 @@ def test_current_directory_is_never_an_output(
         _api("resize", work, Path(out), overwrite=True)
     assert "current directory" in str(e.value)
     assert sorted(os.listdir(work)) == ["adapter", "base", "sub", "tuned"]
+
+
+def test_recover_removes_a_lock_killed_before_it_was_renamed(work: Path) -> None:
+    """A run killed between creating its lock under the hidden name and renaming it leaves
+    ``.lock.new``; the next run removes it, while a held one (a starting run) stays."""
+    import fcntl
+
+    dead = work / ".out.partial-0badf00d.lock.new"
+    dead.write_text("")
+    live = work / ".out.partial-0c0ffee0.lock.new"
+    fd = os.open(live, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        recover(work / "out")
+        assert not dead.exists() and live.exists()
+    finally:
+        os.close(fd)
+    recover(work / "out")
+    assert leftovers(work) == []
