@@ -162,16 +162,17 @@ def computed_tensors(plan: MergePlan, device: str) -> Callable[[TensorFiles], It
             from . import ops  # torch loads while the copier and the prefetcher stream
 
             dev = ops.resolve_device(device)
-            for t, inputs in loads:
-                buffer = results.acquire(stop)
-                try:
-                    data = _compute(t, inputs, dev, buffer)
-                except BaseException:
-                    results.release(buffer)
-                    raise
-                finally:
-                    reads.release(inputs.start)
-                yield Computed(t.name, data, functools.partial(_release, data, results, buffer))
+            with ops.one_compute_thread(dev):
+                for t, inputs in loads:
+                    buffer = results.acquire(stop)
+                    try:
+                        data = _compute(t, inputs, dev, buffer)
+                    except BaseException:
+                        results.release(buffer)
+                        raise
+                    finally:
+                        reads.release(inputs.start)
+                    yield Computed(t.name, data, functools.partial(_release, data, results, buffer))
         finally:
             stop.set()
             loads.close()  # type: ignore[attr-defined]

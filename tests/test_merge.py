@@ -833,3 +833,27 @@ def test_cli_fan_in_fan_out_option(
               "c_attn,c_proj,c_fc"])  # fmt: skip
     assert e.value.code == 0
     assert_matches_peft(Path(out), peft_merge(gpt2, [Path(a) for a in adapters]), gpt2_file)
+
+
+def test_merge_computes_on_one_thread_and_restores_the_callers_setting(
+    llama_bf16: TinyBase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lorasurgeon import ops
+
+    seen: list[int] = []
+    apply = ops.apply_updates
+
+    def recording(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return apply(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ops, "apply_updates", recording)
+    adapters = build_adapters(llama_bf16, (lora("q_proj", "v_proj"),), tmp_path)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_merge(llama_bf16, adapters, output_path(tmp_path, llama_bf16))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}
