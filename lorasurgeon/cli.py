@@ -859,6 +859,13 @@ def _setup_logging() -> None:
         logger.propagate = False
 
 
+def _interrupted_outcome(args: Sequence[str]) -> str:
+    """What an interrupted run left: nothing, or for ``batch`` the jobs finished before."""
+    if "batch" in [a for a in args if not a.startswith("-")][:1]:
+        return "jobs that had finished are kept, the others left nothing; rerun to finish"
+    return "nothing was written"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the command line and exit: 0 on success, 1 on a failed run, 2 on a usage error.
 
@@ -882,7 +889,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (KeyboardInterrupt, click.Abort) as e:
         signalled = e if isinstance(e, api.Interrupted) else e.__cause__  # click wraps it
         cause = f" by {signalled.signal_name}" if isinstance(signalled, api.Interrupted) else ""
-        click.echo(f"error: interrupted{cause}; nothing was written", err=True)
+        click.echo(f"error: interrupted{cause}; {_interrupted_outcome(args)}", err=True)
         sys.exit(1)
     except api.LorasurgeonError as e:
         if debug:

@@ -266,7 +266,12 @@ def test_a_killed_batch_reruns_only_what_is_not_done(
         assert process.poll() is None, process.communicate()[1]
         time.sleep(0.05)
     process.send_signal(sig)
-    process.communicate(timeout=120)
+    stderr = process.communicate(timeout=120)[1]
+    if sig == signal.SIGTERM:  # not "nothing was written": the finished jobs are kept
+        assert stderr.splitlines()[-1] == (
+            "error: interrupted by SIGTERM; jobs that had finished are kept, the others left "
+            "nothing; rerun to finish"
+        ), stderr
     time.sleep(2)  # workers die with the batch (PR_SET_PDEATHSIG) and clean up
     finished = {p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")}
     result = subprocess.run([*command, "--results", str(tmp_path / "r.json")], env=env,
