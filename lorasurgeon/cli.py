@@ -889,7 +889,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (KeyboardInterrupt, click.Abort) as e:
         signalled = e if isinstance(e, api.Interrupted) else e.__cause__  # click wraps it
         cause = f" by {signalled.signal_name}" if isinstance(signalled, api.Interrupted) else ""
-        click.echo(f"error: interrupted{cause}; {_interrupted_outcome(args)}", err=True)
+        kept = signalled.kept if isinstance(signalled, api.Interrupted) else None
+        outcome = f"{kept} was complete and is kept" if kept else _interrupted_outcome(args)
+        click.echo(f"error: interrupted{cause}; {outcome}", err=True)
         sys.exit(1)
     except api.LorasurgeonError as e:
         if debug:

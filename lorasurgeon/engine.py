@@ -122,6 +122,35 @@ def handle_signals() -> Iterator[None]:
             signal.signal(number, handler)
 
 
+@contextlib.contextmanager
+def _signals_held(out: Path) -> Iterator[None]:
+    """Within the block (an output's final renames) SIGINT, SIGTERM and SIGHUP wait:
+    a run that got that far finishes, and the signal is raised afterwards as ``Interrupted``
+    naming the output as kept, rather than reporting an output that exists as unwritten.
+    Handlers other than the default ones and ours are left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[str] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        caught.append(signal.Signals(signum).name)
+
+    ours = (signal.SIG_DFL, signal.default_int_handler, _raise_interrupted)
+    previous: dict[int, Any] = {}
+    for name in ("SIGINT", *_SIGNALS):
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) in ours:
+            previous[number] = signal.signal(number, hold)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if caught:
+        raise Interrupted(caught[0], kept=out)
+
+
 def tensor_bytes(data: Any) -> memoryview:
     """The bytes of a buffer, or of a CPU tensor (made contiguous), without a copy."""
     if isinstance(data, (bytes, bytearray, memoryview)):
@@ -233,7 +262,9 @@ def run(
             writer.add_text(relative, text)
         if output.provenance is not None:
             _write_provenance(writer, output.provenance)
-        writer.commit()
+        writer.flush()
+        with _signals_held(output.path):
+            writer.publish()
     return layout.total_size
 
 

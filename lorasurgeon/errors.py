@@ -7,6 +7,7 @@ parse message text. ``str(error)`` renders ``<file>: <tensor>: <what is wrong>; 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 __all__ = [
     "AdapterError",
@@ -88,8 +89,11 @@ class OutputError(LorasurgeonError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """The run was stopped by a signal (SIGTERM, SIGHUP) and cleaned up as on Ctrl-C."""
+    """The run was stopped by a signal (SIGTERM, SIGHUP) and cleaned up as on Ctrl-C;
+    ``kept`` is the output when the signal came while it was being moved into place, so that
+    it was finished and is complete."""
 
-    def __init__(self, signal_name: str) -> None:
+    def __init__(self, signal_name: str, kept: Path | None = None) -> None:
         self.signal_name = signal_name
+        self.kept = kept
         super().__init__(signal_name)

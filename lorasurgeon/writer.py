@@ -695,6 +695,12 @@ class CheckpointWriter:
         With ``overwrite`` an existing output is moved aside first and deleted only after the
         new one is in place.
         """
+        self.flush()
+        self.publish()
+
+    def flush(self) -> None:
+        """The first half of ``commit``: check that every planned tensor was written, write
+        the index and flush everything to disk."""
         missing = [name for name in self._slots if name not in self._done]
         if missing:
             raise OutputError(
@@ -706,6 +712,13 @@ class CheckpointWriter:
             for fd in self._fds:
                 os.fsync(fd)
             self._close_fds()
+        except OSError as e:
+            raise _os_error(e, self.out) from e
+
+    def publish(self) -> None:
+        """The second half of ``commit``, after ``flush``: move the output into place (and
+        an overwritten one aside, then away)."""
+        try:
             self._move_into_place()
         except OSError as e:
             raise _os_error(e, self.out) from e

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "fixtures"
 
 # Stops the command line at the N-th call of writer.CheckpointWriter.<METHOD> (write, copy,
-# commit) with signal SIG, sent from whichever thread makes the call, as `kill` would.
+# flush) with signal SIG, sent from whichever thread makes the call, as `kill` would.
 _DRIVER = """
 import os, signal, sys
 import lorasurgeon.writer as w
@@ -106,10 +106,10 @@ def _assert_complete(command: str, out: Path) -> None:
 
 # (command, writer method, which call): points across each command's output
 _POINTS = [
-    ("merge", "copy", 1), ("merge", "write", 1), ("merge", "write", 9), ("merge", "commit", 1),
-    ("extract", "write", 1), ("extract", "write", 20), ("extract", "commit", 1),
-    ("combine", "write", 3), ("combine", "commit", 1),
-    ("resize", "write", 2), ("resize", "commit", 1),
+    ("merge", "copy", 1), ("merge", "write", 1), ("merge", "write", 9), ("merge", "flush", 1),
+    ("extract", "write", 1), ("extract", "write", 20), ("extract", "flush", 1),
+    ("combine", "write", 3), ("combine", "flush", 1),
+    ("resize", "write", 2), ("resize", "flush", 1),
 ]  # fmt: skip
 
 
@@ -332,3 +332,36 @@ def test_recover_removes_a_lock_killed_before_it_was_renamed(work: Path) -> None
         os.close(fd)
     recover(work / "out")
     assert leftovers(work) == []
+
+
+# SIGTERM (or Ctrl-C) arriving while the finished output is being renamed into place.
+_SIGNAL_AT_RENAME = """
+import os, signal, sys
+import lorasurgeon.writer as w
+sig = getattr(signal, sys.argv[1])
+original = w.CheckpointWriter._move_into_place
+def hooked(self):
+    os.kill(os.getpid(), sig)
+    original(self)
+w.CheckpointWriter._move_into_place = hooked
+from lorasurgeon.cli import main
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_the_final_rename_keeps_the_complete_output_and_says_so(
+    work: Path, sig: str
+) -> None:
+    out = work / "out"
+    args = [sys.executable, "-c", _SIGNAL_AT_RENAME, sig, *_command("merge", work, out)]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: interrupted by {sig}; {out} was complete and is kept"
+    ), proc.stderr
+    _assert_complete("merge", out)
+    assert leftovers(work) == []
+    reference = work / "reference"
+    _api("merge", work, reference)
+    assert digest(out) == digest(reference)
