@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from . import engine
 from .adapters import LoraModule
 from .formats.model import ModuleUpdate
 from .layouts.model import Piece
@@ -17,7 +18,9 @@ from .locations import Location
 from .reader import TensorInfo
 from .writer import OutputLayout
 
-__all__ = ["STARTING_KINDS", "Change", "ChangeKind", "MergePlan", "TensorPlan"]
+__all__ = [
+    "STARTING_KINDS", "Change", "ChangeKind", "MergePlan", "TensorPlan", "merge_output",
+]  # fmt: skip
 
 
 class ChangeKind(str, Enum):
@@ -117,3 +120,15 @@ class MergePlan:
             if items:
                 described[t.name] = items
         return described
+
+
+def merge_output(plan: MergePlan, out: Path) -> engine.Output:
+    """The engine's view of the merge: unchanged tensors copied, side files (config.json with
+    its dtype updated) beside a directory output."""
+    copies = tuple(engine.Copy(t.name, t.start) for t in plan.tensors if t.copied)
+    files = () if plan.output_is_file else plan.side_files
+    texts: dict[str, str] = {}
+    if plan.config_text is not None and not plan.output_is_file:
+        texts["config.json"] = plan.config_text
+        files = tuple((rel, path) for rel, path in files if rel != "config.json")
+    return engine.Output(out, plan.layout, copies, files, texts)

@@ -446,13 +446,17 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     return Checkpoint(Path(path), tuple(shards), tensors, index_path, index)
 
 
-def side_files(checkpoint: Checkpoint) -> tuple[list[tuple[str, Path]], list[str]]:
+def side_files(
+    checkpoint: Checkpoint, root: Path | None = None
+) -> tuple[list[tuple[str, Path]], list[str]]:
     """The other files of a checkpoint directory (config, tokenizer, ...) as (relative name,
     path), and the weight files among them that are not part of this checkpoint.
 
-    Hidden files and directories are left out. A single-file checkpoint has none.
+    ``root`` is the directory (default: the checkpoint's own path; a diffusers component
+    opened by its weight file names its folder). Hidden files and directories are left out.
+    A single-file checkpoint has none.
     """
-    root = checkpoint.path
+    root = checkpoint.path if root is None else root
     if not root.is_dir():
         return [], []
     own = {s.path.resolve() for s in checkpoint.shards}
@@ -471,6 +475,19 @@ def side_files(checkpoint: Checkpoint) -> tuple[list[tuple[str, Path]], list[str
         else:
             files.append((str(relative), path))
     return files, skipped
+
+
+def config_text(directory: Path, dtype: str | None) -> str | None:
+    """``directory``'s config.json with its dtype set to ``dtype`` (a safetensors code), when
+    a --dtype changes it; else None (the file, if any, is copied as it is)."""
+    config = read_config(directory)
+    if dtype is None or not config:
+        return None
+    name = DTYPES[dtype].torch_name
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            config[key] = name
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
 def read_config(directory: Path) -> dict[str, Any]:

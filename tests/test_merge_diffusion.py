@@ -637,11 +637,8 @@ def test_diffusers_folder_failure_leaves_nothing(
 ) -> None:
     """A failure after the components are written (here: copying vae/) leaves no OUT and no
     staging directory; an existing OUT with overwrite stays as it was."""
-    import sys
-
+    from lorasurgeon import merge_diffusion
     from tests.sd_models import save_diffusers
-
-    merge_module = sys.modules["lorasurgeon.merge"]  # the package exports the function merge
 
     model = models["sd1"]
     base = save_diffusers(model, tmp_path / "base")
@@ -650,7 +647,7 @@ def test_diffusers_folder_failure_leaves_nothing(
     def fail(source: Path, target: Path, out: Path) -> None:
         raise lorasurgeon.OutputError("disk full", path=out)
 
-    monkeypatch.setattr(merge_module, "_copy_entry", fail)
+    monkeypatch.setattr(merge_diffusion, "_copy_entry", fail)
     with pytest.raises(lorasurgeon.OutputError):
         lorasurgeon.merge(base, [lora], tmp_path / "out", weights=[0.6])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "lora.safetensors"]
