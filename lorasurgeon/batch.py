@@ -111,7 +111,8 @@ _STR, _INT, _FLOAT, _BOOL = _typed(str), _typed(int), _typed(float), _typed(bool
 _RANKS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "rank-method": ("rank_method", _STR), "energy": ("energy", _FLOAT),
     "param-budget": ("param_budget", _INT), "min-rank": ("min_rank", _INT),
-    "max-rank": ("max_rank", _INT),
+    "max-rank": ("max_rank", _INT), "sv-ratio": ("sv_ratio", _FLOAT),
+    "sv-cumulative": ("sv_cumulative", _FLOAT),
 }  # fmt: skip
 _COMMON: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "device": ("device", _STR), "dtype": ("dtype", _STR),
@@ -330,9 +331,10 @@ def _check_values(command: Command, options: Mapping[str, Any]) -> None:
         method = choice(RankMethod, options.get("rank_method", "fixed"), "rank method")
         RankPolicy(method, options.get("rank"), options.get("energy"),
                    options.get("param_budget"), options.get("min_rank", 1),
-                   options.get("max_rank"))  # fmt: skip
+                   options.get("max_rank"), options.get("sv_ratio"),
+                   options.get("sv_cumulative"))  # fmt: skip
         if command is Command.RESIZE and method is RankMethod.FIXED and "rank" not in options:
-            raise OptionError("give rank, or rank-method energy/budget")
+            raise OptionError("give rank, or another rank-method (energy, budget, ...)")
     if command is Command.EXTRACT:
         choice(SvdMethod, options.get("svd", "randomized"), "svd")
     if command is Command.COMBINE:

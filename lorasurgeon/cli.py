@@ -127,14 +127,29 @@ def _rank_selection_options(max_default: str) -> Callable[[F], F]:
             "--max-rank",
             type=click.IntRange(min=1),
             default=None,
-            help=f"Largest rank of any module (energy, budget) [default: {max_default}].",
+            help=f"Largest rank of any module (all but fixed) [default: {max_default}].",
         )(f)
         f = click.option(
             "--min-rank",
             type=click.IntRange(min=1),
             default=1,
             show_default=True,
-            help="Smallest rank of any module (energy, budget).",
+            help="Smallest rank of any module (all but fixed).",
+        )(f)
+        f = click.option(
+            "--sv-cumulative",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=None,
+            metavar="F",
+            help="Fraction of the sum of each update's singular values to keep "
+            "(sv_cumulative only).",
+        )(f)
+        f = click.option(
+            "--sv-ratio",
+            type=click.FloatRange(min=1),
+            default=None,
+            metavar="R",
+            help="Keep the singular values >= the largest / R (sv_ratio only).",
         )(f)
         f = click.option(
             "--param-budget",
@@ -148,7 +163,8 @@ def _rank_selection_options(max_default: str) -> Callable[[F], F]:
             type=click.FloatRange(0, 1, min_open=True),
             default=None,
             metavar="F",
-            help="Fraction of each update's squared norm to keep (energy only).",
+            help="Fraction of each update's squared norm to keep (energy only; kohya's "
+            "sv_fro P is --energy P²).",
         )(f)
         f = click.option(
             "--rank-method",
@@ -156,7 +172,8 @@ def _rank_selection_options(max_default: str) -> Callable[[F], F]:
             default="fixed",
             show_default=True,
             help="fixed rank; energy: smallest rank keeping --energy of each update; "
-            "budget: --param-budget parameters spent where they remove the most error.",
+            "budget: --param-budget parameters spent where they remove the most error; "
+            "sv_ratio, sv_cumulative: kohya resize_lora.py's dynamic methods.",
         )(f)
         return f
 
@@ -418,7 +435,8 @@ def extract(
     base: str, tuned: str, out: str, rank: int | None, alpha: float | None, target_modules: str,
     exclude_modules: str | None, layers_to_transform: str | None, layers_pattern: str | None,
     rank_method: str, energy: float | None, param_budget: int | None, min_rank: int,
-    max_rank: int | None, svd: str, save_modules: str | None, dtype: str,
+    max_rank: int | None, sv_ratio: float | None, sv_cumulative: float | None, svd: str,
+    save_modules: str | None, dtype: str,
     fan_in_fan_out: str | None, plot: str | None, uniform_rank: bool, report_path: str | None,
     overwrite: bool,
     device: str, quiet: bool, debug: bool,
@@ -453,8 +471,9 @@ def extract(
             base, tuned, out, rank=rank, alpha=alpha, target_modules=targets,
             exclude_modules=_split(exclude_modules), layers_to_transform=layers,
             layers_pattern=_split(layers_pattern), rank_method=rank_method, energy=energy,
-            param_budget=param_budget, min_rank=min_rank, max_rank=max_rank, svd=svd,
-            save_modules=_split(save_modules) or (), dtype=dtype,
+            param_budget=param_budget, min_rank=min_rank, max_rank=max_rank, sv_ratio=sv_ratio,
+            sv_cumulative=sv_cumulative, svd=svd, save_modules=_split(save_modules) or (),
+            dtype=dtype,
             fan_in_fan_out=_fan_in_fan_out(fan_in_fan_out), uniform_rank=uniform_rank,
             device=device, overwrite=overwrite, progress=bar,
         )  # fmt: skip
@@ -589,8 +608,9 @@ def combine(
 @_compute_options
 def resize(
     adapter: str, out: str, rank: int | None, rank_method: str, energy: float | None,
-    param_budget: int | None, min_rank: int, max_rank: int | None, report_path: str | None,
-    dtype: str, uniform_rank: bool, overwrite: bool, device: str, quiet: bool, debug: bool,
+    param_budget: int | None, min_rank: int, max_rank: int | None, sv_ratio: float | None,
+    sv_cumulative: float | None, report_path: str | None, dtype: str, uniform_rank: bool,
+    overwrite: bool, device: str, quiet: bool, debug: bool,
 ) -> None:  # fmt: skip
     """Change the ranks of ADAPTER's modules, each the best approximation at its rank.
 
@@ -613,9 +633,9 @@ def resize(
     try:
         report = api.resize(
             adapter, out, rank=rank, rank_method=rank_method, energy=energy,
-            param_budget=param_budget, min_rank=min_rank, max_rank=max_rank,
-            uniform_rank=uniform_rank, dtype=dtype, device=device, overwrite=overwrite,
-            progress=bar,
+            param_budget=param_budget, min_rank=min_rank, max_rank=max_rank, sv_ratio=sv_ratio,
+            sv_cumulative=sv_cumulative, uniform_rank=uniform_rank, dtype=dtype, device=device,
+            overwrite=overwrite, progress=bar,
         )  # fmt: skip
     finally:
         bar.close()

@@ -177,7 +177,7 @@ def _ranks(
     return lowrank.select_ranks(
         spectra, [_shape(m) for m in modules], method=policy.method, rank=policy.rank or 1,
         energy=policy.energy, param_budget=policy.param_budget, min_rank=policy.min_rank,
-        max_rank=policy.max_rank,
+        max_rank=policy.max_rank, sv_ratio=policy.sv_ratio, sv_cumulative=policy.sv_cumulative,
     )  # fmt: skip
 
 
@@ -191,6 +191,8 @@ def resize(
     param_budget: int | None = None,
     min_rank: int = 1,
     max_rank: int | None = None,
+    sv_ratio: float | None = None,
+    sv_cumulative: float | None = None,
     uniform_rank: bool = False,
     dtype: str = "auto",
     device: str = "auto",
@@ -201,8 +203,11 @@ def resize(
     delta ``scaling · B @ A`` at its rank (the exact truncated SVD of the product).
 
     Ranks as in ``extract``: ``fixed`` (``rank``), ``energy`` (the smallest rank keeping
-    fraction ``energy`` of each delta's squared norm) or ``budget`` (``param_budget`` LoRA
-    parameters in total, spent where they remove the most squared error), within
+    fraction ``energy`` of each delta's squared norm; kohya's sv_fro P is energy P²),
+    ``budget`` (``param_budget`` LoRA parameters in total, spent where they remove the most
+    squared error), or kohya's ``sv_ratio`` (singular values >= the largest / ``sv_ratio``)
+    and ``sv_cumulative`` (the smallest rank whose singular values sum to fraction
+    ``sv_cumulative`` of them all), within
     ``min_rank``..``max_rank`` and never above a module's input rank (lossless there). With
     no rank option (``rank_method="fixed"``, ``rank=None``) every module keeps its own rank:
     the same update, losslessly rewritten for every client. Each module's update is kept: the
@@ -219,7 +224,8 @@ def resize(
     from .ops import resolve_device
 
     started = time.monotonic()
-    policy = _policy(rank, rank_method, energy, param_budget, min_rank, max_rank)
+    policy = _policy(rank, rank_method, energy, param_budget, min_rank, max_rank, sv_ratio,
+                     sv_cumulative)  # fmt: skip
     code = DType.code_of(dtype)
     location = resolve(adapter, role=Role.ADAPTER)
     out_path = engine.check_output(out, [location.path], overwrite=overwrite)
@@ -255,15 +261,16 @@ def resize(
 
 def _policy(
     rank: int | None, rank_method: str, energy: float | None, param_budget: int | None,
-    min_rank: int, max_rank: int | None,
+    min_rank: int, max_rank: int | None, sv_ratio: float | None = None,
+    sv_cumulative: float | None = None,
 ) -> RankPolicy | None:  # fmt: skip
     """The rank policy, None (``keep``: every module's own rank) when no rank option is given.
 
     Raises:
         OptionError: as ``RankPolicy``.
     """
-    given = (rank, energy, param_budget, max_rank)
+    given = (rank, energy, param_budget, max_rank, sv_ratio, sv_cumulative)
     if rank_method == "fixed" and all(v is None for v in given) and min_rank == 1:
         return None
     return RankPolicy(choice(RankMethod, rank_method, "rank method"), rank, energy,
-                      param_budget, min_rank, max_rank)  # fmt: skip
+                      param_budget, min_rank, max_rank, sv_ratio, sv_cumulative)  # fmt: skip
