@@ -137,9 +137,12 @@ OPTIONS: dict[Command, dict[str, tuple[str, Callable[[Any], Any]]]] = {
         **_COMMON, "weight": ("weights", _floats), "method": ("method", _STR),
         "svd": ("svd", _BOOL), "rank": ("rank", _INT), "clamp": ("clamp", _FLOAT),
         "density": ("density", _FLOAT), "majority-sign": ("majority_sign", _STR),
-        "seed": ("seed", _INT),
+        "seed": ("seed", _INT), "format": ("output_format", _STR),
     },
-    Command.RESIZE: {**_COMMON, **_RANKS, "rank": ("rank", _INT)},
+    Command.RESIZE: {
+        **_COMMON, **_RANKS, "rank": ("rank", _INT), "format": ("output_format", _STR),
+        "keep-lycoris": ("keep_lycoris", _BOOL),
+    },
 }  # fmt: skip
 _REPORTS = frozenset({Command.EXTRACT, Command.COMBINE, Command.RESIZE})
 _ROLES: dict[Command, tuple[str, ...]] = {

@@ -117,6 +117,13 @@ def _check_weights(
         )
 
 
+_LORA_FORMAT = click.option(
+    "--format", "output_format", type=click.Choice(["peft", "kohya", "diffusers"]),
+    default=None,
+    help="Format of a diffusion LoRA output [default: the input's].",
+)  # fmt: skip
+
+
 def _rank_selection_options(max_default: str) -> Callable[[F], F]:
     """--rank-method, --energy, --param-budget, --min-rank, --max-rank and --report (listed in
     this order): shared by extract and resize."""
@@ -551,15 +558,18 @@ def _write_report(path: str | None, data: dict[str, Any]) -> None:
 @click.option(
     "--seed", type=int, default=None, help="Seed of the dare_* random masks [default: 0]."
 )
-@_dtype_option("dtype of the stored factors; auto: float32, as PEFT saves them.")
+@_dtype_option(
+    "dtype of the stored factors; auto: float32, as PEFT saves them (LoRA files: their own)."
+)
+@_LORA_FORMAT
 @_UNIFORM_RANK
 @_REPORT
 @_compute_options
 def combine(
     adapters: tuple[str, ...], out: str, weights: tuple[float, ...], method: str, svd: bool,
     rank: int | None, clamp: float | None, density: float | None, majority_sign: str | None,
-    seed: int | None, dtype: str, uniform_rank: bool, report_path: str | None,
-    overwrite: bool, device: str, quiet: bool, debug: bool,
+    seed: int | None, dtype: str, output_format: str | None, uniform_rank: bool,
+    report_path: str | None, overwrite: bool, device: str, quiet: bool, debug: bool,
 ) -> None:  # fmt: skip
     """Combine ADAPTERs into one, as PEFT's add_weighted_adapter does, without a model.
 
@@ -571,12 +581,15 @@ def combine(
     llama.cpp applies it right), rslora inputs give the exact sum (PEFT: sqrt(rank) too
     large), tensors an adapter stores whole are kept (PEFT: the base's); DoRA adapters are
     refused. DARE masks come from --seed. --uniform-rank: no rank_pattern (for vLLM).
+    Diffusion LoRA files (kohya/LyCORIS LoRA and LoCon, diffusers) combine module by module
+    across files of one family into their format (or --format), one alpha for all modules.
 
     \b
     Examples:
       lorasurgeon combine style/ subject/ --weight 0.7 --weight 0.4 --method cat -o mixed
       lorasurgeon combine a/ b/ c/ --svd --rank 16 -o abc
       lorasurgeon combine a/ b/ --method ties --density 0.5 --svd -o ab-ties
+      lorasurgeon combine style.safetensors detail.safetensors --method cat -o both.safetensors
     """
     _check_weights(weights, adapters)
     bar = _Bar(quiet, "combine", unit="module")
@@ -584,7 +597,8 @@ def combine(
         report = api.combine(
             adapters, out, weights=list(weights) or None, method=method, svd=svd, rank=rank,
             clamp=clamp, density=density, majority_sign=majority_sign, seed=seed, dtype=dtype,
-            uniform_rank=uniform_rank, device=device, overwrite=overwrite, progress=bar,
+            output_format=output_format, uniform_rank=uniform_rank, device=device,
+            overwrite=overwrite, progress=bar,
         )  # fmt: skip
     finally:
         bar.close()
@@ -604,13 +618,19 @@ def combine(
 )
 @_rank_selection_options("the input rank")
 @_dtype_option("dtype of the stored factors; auto: the input's.")
+@_LORA_FORMAT
+@click.option(
+    "--keep-lycoris", is_flag=True,
+    help="Copy LoHa, LoKr and full modules of a LoRA file unchanged (else refused).",
+)  # fmt: skip
 @_UNIFORM_RANK
 @_compute_options
 def resize(
     adapter: str, out: str, rank: int | None, rank_method: str, energy: float | None,
     param_budget: int | None, min_rank: int, max_rank: int | None, sv_ratio: float | None,
-    sv_cumulative: float | None, report_path: str | None, dtype: str, uniform_rank: bool,
-    overwrite: bool, device: str, quiet: bool, debug: bool,
+    sv_cumulative: float | None, report_path: str | None, dtype: str,
+    output_format: str | None, keep_lycoris: bool, uniform_rank: bool, overwrite: bool,
+    device: str, quiet: bool, debug: bool,
 ) -> None:  # fmt: skip
     """Change the ranks of ADAPTER's modules, each the best approximation at its rank.
 
@@ -620,7 +640,9 @@ def resize(
     every module keeps its rank: anyone's adapter (alpha_pattern, rslora, mixed ranks)
     rewritten losslessly with one lora_alpha, which llama.cpp applies right; add
     --uniform-rank for vLLM. Each module's update and the whole tensors are kept. A summary
-    of the errors ends the run.
+    of the errors ends the run. A diffusion LoRA file (kohya/LyCORIS LoRA and LoCon, Tucker
+    included, diffusers) is resized the same way into its format (or --format), one alpha
+    for all modules, each module's scaling folded in.
 
     \b
     Examples:
@@ -628,13 +650,16 @@ def resize(
       lorasurgeon resize my-lora/ -o my-lora-r8 --rank 8
       lorasurgeon resize my-lora/ -o smaller --rank-method energy --energy 0.95
       lorasurgeon resize my-lora/ -o smaller --rank-method budget --param-budget 5000000
+      lorasurgeon resize style.safetensors -o style-r8.safetensors --rank 8
+      lorasurgeon resize style.safetensors -o s.safetensors --rank-method sv_ratio --sv-ratio 8
     """
     bar = _Bar(quiet, "resize", unit="step")
     try:
         report = api.resize(
             adapter, out, rank=rank, rank_method=rank_method, energy=energy,
             param_budget=param_budget, min_rank=min_rank, max_rank=max_rank, sv_ratio=sv_ratio,
-            sv_cumulative=sv_cumulative, uniform_rank=uniform_rank, dtype=dtype, device=device,
+            sv_cumulative=sv_cumulative, uniform_rank=uniform_rank, dtype=dtype,
+            output_format=output_format, keep_lycoris=keep_lycoris, device=device,
             overwrite=overwrite, progress=bar,
         )  # fmt: skip
     finally:

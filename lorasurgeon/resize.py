@@ -30,10 +30,11 @@ from .adapters import (
     open_adapter,
     report_dict,
 )
+from .diffusion import is_lora_file
 from .dtypes import DType
 from .engine import Computed
-from .errors import AdapterError
-from .locations import Role, resolve
+from .errors import AdapterError, OptionError
+from .locations import Location, Role, resolve
 from .options import RankMethod, RankPolicy, choice
 from .reader import TensorFiles, check_finite_inputs
 from .writer import OutputTensor
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     import torch
 
     from .lowrank import TruncatedSVD
+    from .provenance import Provenance
 
 __all__ = ["KEEP", "ResizeReport", "resize"]
 
@@ -195,6 +197,8 @@ def resize(
     sv_cumulative: float | None = None,
     uniform_rank: bool = False,
     dtype: str = "auto",
+    output_format: str | None = None,
+    keep_lycoris: bool = False,
     device: str = "auto",
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
@@ -217,8 +221,16 @@ def resize(
     rank_pattern. Singular values are split evenly between A and B, whole tensors are copied
     unchanged. Nothing is at ``out`` unless it returns.
 
+    A diffusion LoRA file (kohya/LyCORIS LoRA and LoCon, Tucker included, or diffusers) is
+    resized the same way, module by module, and written in its own format or
+    ``output_format`` (``kohya``, ``diffusers``, ``peft``) through ``formats.write``: every
+    module under one alpha, the largest new rank, its scaling folded into its factors (spec
+    §3.3: diffusers misapplies differing alphas). LoHa, LoKr and full modules cannot be
+    resized: refused by name, or copied unchanged with ``keep_lycoris``; DoRA modules and
+    lora_B biases are refused. ``dtype`` auto: the input factors' dtype.
+
     Raises:
-        LocationError, AdapterError, OptionError, OutputError.
+        LocationError, AdapterError, OptionError, OutputError; IncompatibleError (LoRA files).
     """
     options = provenance.options_of(resize, locals())  # first: the arguments only
     from .ops import resolve_device
@@ -231,6 +243,14 @@ def resize(
     out_path = engine.check_output(out, [location.path], overwrite=overwrite)
     record = provenance.start("resize", options, [("adapter", location)])
     compute = resolve_device(device)
+    if is_lora_file(location.path):
+        return _resize_file(location, out_path, policy, output_format, keep_lycoris, code,
+                            compute, overwrite, record, uniform_rank, progress)  # fmt: skip
+    if output_format not in (None, "peft") or keep_lycoris:
+        raise OptionError(
+            "--format kohya|diffusers and --keep-lycoris apply to diffusion LoRA files; a PEFT "
+            "adapter is resized into a PEFT adapter", path=location.path,
+        )  # fmt: skip
     with open_adapter(location.path, file_targets=True) as opened, TensorFiles() as files:
         opened.require_plain_lora("resize")
         if not opened.modules:
@@ -257,6 +277,28 @@ def resize(
         out_path, rows, sum(layout.stored_rank(m) * sizes[m] for m in sizes), before,
         policy.method.value if policy else KEEP, time.monotonic() - started, notes,
     )  # fmt: skip
+
+
+def _resize_file(
+    location: Location, out: Path, policy: RankPolicy | None, output_format: str | None,
+    keep_lycoris: bool, dtype: str | None, device: torch.device, overwrite: bool,
+    record: Provenance, uniform_rank: bool, progress: ProgressCallback | None,
+) -> ResizeReport:  # fmt: skip
+    """``resize`` of a diffusion LoRA file (``sdlora.resize_file``)."""
+    from .sdlora import resize_file
+
+    if uniform_rank:
+        raise OptionError(
+            "--uniform-rank applies to PEFT adapters: kohya and diffusers files store each "
+            "module's rank in its tensors", path=location.path,
+        )  # fmt: skip
+    report = resize_file(
+        location, out, policy=policy, fmt=output_format, keep_lycoris=keep_lycoris, dtype=dtype,
+        device=device, overwrite=overwrite, record=record, progress=progress,
+    )  # fmt: skip
+    for note in report.notes:
+        logger.warning(note)
+    return report
 
 
 def _policy(
