@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import AdapterError, IncompatibleError
+from .errors import AdapterError, IncompatibleError, OptionError
 from .formats import Component, Family, Kind, LoraFile, LoraFormat, ModuleUpdate
 from .formats.write import Factor, OutModule, OutputFormat
 from .options import choice
@@ -23,12 +23,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FileModule",
+    "check_together",
     "is_lora_kind",
     "lora_factors",
     "match_modules",
     "module_name",
     "output_format",
     "kept_module",
+    "refuse_kind",
     "resized_module",
 ]
 
@@ -222,7 +224,14 @@ def module_name(module: FileModule, read: LoraFile, fmt: OutputFormat) -> str:
     """
     from .convert import _module_name
 
-    return _module_name(module.update, read, fmt, None)
+    try:
+        return _module_name(module.update, read, fmt, None)
+    except OptionError as e:  # resize and combine take no base: convert does
+        raise OptionError(
+            e.message, path=e.path, tensor=e.tensor,
+            hint=f"convert it first: `lorasurgeon convert LORA -o OUT --to {fmt.value} --base "
+            "BASE`, then resize or combine that",
+        ) from None  # fmt: skip
 
 
 def resized_module(module: FileModule, name: str, rank: int, alpha: float, dtype: str) -> OutModule:

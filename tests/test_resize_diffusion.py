@@ -301,5 +301,11 @@ def test_bad_combinations_exit_1_naming_both_files_and_nothing_written(
         assert err.startswith("error: ") and len(err.splitlines()) == 1, err
         assert words in err and named in err and inputs[-1].name in err, err
         assert not out.exists() and not list(tmp_path.glob(".out*"))
-    code, err = _run(capsys, "resize", sd1, "-o", out, "--uniform-rank")
-    assert code == 2 and "--uniform-rank" in err and not out.exists()
+    for args, words in (
+        (["resize", sd1, "--uniform-rank"], "--uniform-rank"),
+        (["resize", sdxl, "--format", "diffusers"], "lorasurgeon convert"),  # kohya names
+        (["combine", sd1, sd1, "--format", "peft"], "lorasurgeon convert"),
+    ):
+        code, err = _run(capsys, *args, "-o", out)
+        assert code == 2 and err.startswith("error: ") and words in err, err
+        assert not out.exists()
