@@ -104,20 +104,16 @@ class _Resized:
     alpha: float
 
 
-def _split(
-    read: LoraFile, keep_lycoris: bool
-) -> tuple[list[FileModule], list[FileModule]]:  # fmt: skip
-    """(LoRA modules, modules kept unchanged); the rest refused by name."""
-    lora, kept = [], []
+def _modules(read: LoraFile, keep_lycoris: bool) -> list[FileModule]:
+    """The file's modules in order: LoRA ones, and with ``keep_lycoris`` the kinds copied
+    unchanged; any other refused by name."""
+    modules = []
     for update in read.updates:
         module = FileModule(0, read.path, update)
-        if is_lora_kind(update):
-            lora.append(module)
-        elif keep_lycoris and update.kind in _KEPT_KINDS:
-            kept.append(module)
-        else:
+        if not is_lora_kind(update) and not (keep_lycoris and update.kind in _KEPT_KINDS):
             raise refuse_kind(module, "resize", keep_flag=not keep_lycoris)
-    return lora, kept
+        modules.append(module)
+    return modules
 
 
 def _ranks(
@@ -139,27 +135,27 @@ def _ranks(
 
 
 def _resize_stream(
-    plan: LoraPlan, resized: Sequence[_Resized], dtype: str | None, device: torch.device,
-    rows: list[ModuleReport],
-) -> Callable[[TensorFiles], Iterator[Computed]]:  # fmt: skip
+    plan: LoraPlan, resized: Sequence[_Resized], device: torch.device, rows: list[ModuleReport]
+) -> Callable[[TensorFiles], Iterator[Computed]]:
+    """Each resized module's truncated factors, its scaling α/k folded in, rounded once to
+    the planned dtype; report rows go to ``rows``."""
+    planned = {t.name: t for t in plan.output.layout.shards[0].tensors}
+
     def produce(files: TensorFiles) -> Iterator[Computed]:
         from .dtypes import torch_dtype
 
         for r in resized:
             m, k = r.module, r.rank
+            down, up = planned[plan.name(r.index, "down")], planned[plan.name(r.index, "up")]
             svd = _product(files, m, device, k)
             scaling = r.alpha / k
             a, b = svd.factors(k, scaling)
-            stored = torch_dtype(dtype or m.update.factors["up"].dtype)
-            a, b = a.to(stored), b.to(stored)
+            a, b = a.to(torch_dtype(down.dtype)), b.to(torch_dtype(up.dtype))
             error = lowrank.stored_rel_error(svd, k, a, b, scaling)
             rows.append(ModuleReport(m.update.source, list(m.shape), k, r.alpha, error,
                                      1 - error * error))  # fmt: skip
-            out = plan.output.layout.shards[0].tensors
-            shapes = {t.name: t.shape for t in out}
-            down, up = plan.name(r.index, "down"), plan.name(r.index, "up")
-            yield Computed(down, a.reshape(shapes[down]).cpu())
-            yield Computed(up, b.reshape(shapes[up]).cpu())
+            yield Computed(down.name, a.reshape(down.shape).cpu())
+            yield Computed(up.name, b.reshape(up.shape).cpu())
 
     return produce
 
@@ -183,32 +179,32 @@ def resize_file(
     started = time.monotonic()
     read = read_lora(location.path)
     target = output_format([read], fmt)
-    lora, kept = _split(read, keep_lycoris)
+    modules = _modules(read, keep_lycoris)
+    lora = [m for m in modules if is_lora_kind(m.update)]
     with TensorFiles() as files:
         ranks = _ranks(lora, policy, device, files)
     alpha = float(max(ranks, default=1))
-    chosen = dict(zip((id(m) for m in lora), ranks, strict=True))
+    chosen = {m.update.source: k for m, k in zip(lora, ranks, strict=True)}
     outs: list[OutModule] = []
     resized: list[_Resized] = []
-    for update in read.updates:
-        m = next(x for x in (*lora, *kept) if x.update is update)
+    for m in modules:
         name = module_name(m, read, target)
-        if id(m) in chosen:
-            k = chosen[id(m)]
-            dtype_code = dtype or m.update.factors["up"].dtype
-            resized.append(_Resized(m, len(outs), k, alpha))
-            outs.append(resized_module(m, name, k, alpha, dtype_code))
-        else:
+        k = chosen.get(m.update.source)
+        if k is None:
             outs.append(kept_module(m, name))
+            continue
+        resized.append(_Resized(m, len(outs), k, alpha))
+        outs.append(resized_module(m, name, k, alpha, dtype or m.update.factors["up"].dtype))
+    kept = len(modules) - len(lora)
     plan = plan_lora(out, outs, target, family=read.family, metadata=read.metadata,
                      source=read.path, dit=_is_dit(read))  # fmt: skip
     rows: list[ModuleReport] = []
     output: Output = dataclasses.replace(plan.output, provenance=record)
-    engine.run(output, plan.stream(_resize_stream(plan, resized, dtype, device, rows)),
+    engine.run(output, plan.stream(_resize_stream(plan, resized, device, rows)),
                overwrite=overwrite, progress=progress)  # fmt: skip
     notes = []
     if kept:
-        notes.append(f"{len(kept)} LoHa/LoKr/full module(s) copied unchanged (--keep-lycoris)")
+        notes.append(f"{kept} LoHa/LoKr/full module(s) copied unchanged (--keep-lycoris)")
     return ResizeReport(
         out, rows, sum(r.rank * sum(r.module.shape) for r in resized),
         sum(m.rank * sum(m.shape) for m in lora),
