@@ -32,20 +32,20 @@ ProgressCallback = engine.ProgressCallback
 
 @dataclass(frozen=True)
 class ConvertReport:
-    """What was converted: the modules per component (``unet``, ``te``, ``te1``, ``te2``,
+    """What was converted: ``converted`` modules per component (``unet``, ``te``, ``te1``, ``te2``,
     ``te3``), how many carry their own alpha, the formats and the family."""
 
     out: Path
     source_format: str
     format: str
     family: str
-    modules: dict[str, int]
+    converted: dict[str, int]
     alphas: int
     seconds: float
 
     @property
     def total(self) -> int:
-        return sum(self.modules.values())
+        return sum(self.converted.values())
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -397,7 +397,8 @@ def _check_components(modules: Sequence[OutModule], fmt: OutputFormat) -> None:
         raise OptionError(
             f"a PEFT adapter holds the modules of one model, this LoRA has {len(components)} "
             f"components ({', '.join(components)})",
-            hint="use --format diffusers (one file, one section per component)",
+            hint="write it as diffusers (--format diffusers; convert: --to diffusers), one file "
+            "with a section per component",
         )
 
 
