@@ -45,6 +45,7 @@ __all__ = [
     "LoraPlan",
     "OutModule",
     "OutputFormat",
+    "check_modules",
     "diffusers_component",
     "kohya_prefix_of",
     "plan_lora",
@@ -402,6 +403,17 @@ def _check_components(modules: Sequence[OutModule], fmt: OutputFormat) -> None:
         )
 
 
+def check_modules(modules: Sequence[OutModule], fmt: OutputFormat, source: Path | None) -> None:
+    """Refuse, before any name is mapped, what ``fmt`` cannot hold (see ``plan_lora``).
+
+    Raises:
+        AdapterError, OptionError: as ``plan_lora``.
+    """
+    for m in modules:
+        _check_module(m, fmt, source)
+    _check_components(modules, fmt)
+
+
 def plan_lora(
     out: Path,
     modules: Sequence[OutModule],
@@ -430,9 +442,7 @@ def plan_lora(
             lora_B bias in kohya, a T5 module in diffusers), or two modules with one name.
         OptionError: ``fmt`` is PEFT and the modules belong to several components.
     """
-    for m in modules:
-        _check_module(m, fmt, source)
-    _check_components(modules, fmt)
+    check_modules(modules, fmt, source)
     given = {k: v for k, v in (metadata or {}).items() if k not in _DROPPED_METADATA}
     own: list[tuple[str, float, str]] = []
     if fmt is OutputFormat.KOHYA:
