@@ -274,3 +274,20 @@ def test_batch_convert_job_with_a_relative_base(
     _assert_same_tensors(direct, tmp_path / "out" / "d.safetensors")
     code, err = _run(capsys, "batch", manifest, "--results", tmp_path / "r.json")
     assert code == 0 and json.loads((tmp_path / "r.json").read_text())["skipped"] == 1, err
+
+
+def test_an_alpha_fp32_cannot_hold_is_stored_in_float64(tmp_path: Path) -> None:
+    """lora_alpha 0.1 (a float64 in diffusers' JSON metadata) would change in an fp32 alpha
+    tensor: stored as F64, read back exactly; 0.5 stays fp32 as sd-scripts stores it."""
+    lora = tmp_path / "d.safetensors"
+    state = {f"unet.{m}.lora_{p}.weight": torch.randn(s) for m in ("a.to_q", "a.to_k")
+             for p, s in (("A", (2, 8)), ("B", (8, 2)))}  # fmt: skip
+    meta = {"unet.r": 2, "unet.lora_alpha": 0.1, "unet.alpha_pattern": {"a\\.to_k": 0.5}}
+    save_file(state, str(lora), metadata={"lora_adapter_metadata": json.dumps(meta)})
+    out = tmp_path / "k.safetensors"
+    lorasurgeon.convert(lora, out, to="kohya")
+    with safe_open(str(out), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys() if k.endswith(".alpha")}
+    assert dtypes == {"lora_unet_a_to_q.alpha": "F64", "lora_unet_a_to_k.alpha": "F32"}
+    assert {u.module: u.alpha for u in read_lora(out).updates} == {"a_to_q": 0.1, "a_to_k": 0.5}
+    assert _scalings(out) == _scalings(lora)
