@@ -237,10 +237,9 @@ def test_unet_only_lora_to_peft_adapter_merges_like_the_original(
     folder = save_diffusers(model, tmp_path / "base")
     out = tmp_path / "adapter"
     lorasurgeon.convert(lora, out, to="peft", base=folder)
-    config = json.loads((out / "adapter_config.json").read_text())
-    fields = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules")
-    unet = inject_adapter_in_model(LoraConfig(**{k: config[k] for k in fields}),
-                                   copy.deepcopy(model.unet))  # fmt: skip
+    config = LoraConfig.from_pretrained(str(out))  # every field of the config is PEFT's
+    assert config.alpha_pattern and not config.rank_pattern
+    unet = inject_adapter_in_model(config, copy.deepcopy(model.unet))
     state = {k.removeprefix("base_model.model."): v
              for k, v in load_file(str(out / "adapter_model.safetensors")).items()}  # fmt: skip
     assert not set_peft_model_state_dict(unet, state).unexpected_keys

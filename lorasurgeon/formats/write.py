@@ -4,8 +4,9 @@ diffusers or PEFT output, planned for the engine (shared/spec/sd-lora.md §1, §
 API (``plan_lora`` then ``engine.run``; nothing is written here):
 
 - ``OutModule(component, module, kind, factors, alpha, rank)``: one module. ``module`` is its
-  dotted path in the spelling the output should carry (``module_spelling`` picks it from a base
-  layout; kohya names are that path mangled); ``factors`` maps canonical part names (``down``,
+  path in the spelling the output should carry, dotted (kohya output mangles it) or already
+  mangled for kohya: ``layouts.spelling.Spellings.of(layout)`` gives ``.kohya(component, key)``
+  (sd-scripts' spelling for the base's family) and ``.diffusers(component, key)``; ``factors`` maps canonical part names (``down``,
   ``up``, ``mid``, ``up_bias``, LyCORIS ``w1a``… as in ``ModuleUpdate``) to ``Factor``s: copied
   unchanged from an input tensor (``Factor.copy_of``) or computed by the caller
   (``Factor(dtype, shape)``). ``alpha`` None means α = r (scaling 1).
