@@ -18,7 +18,7 @@ from typing import Any
 from . import engine, provenance
 from .errors import OptionError
 from .formats import Component, Family, Kind, LoraFile, LoraFormat, ModuleUpdate, read_lora
-from .formats.write import Factor, OutModule, OutputFormat, plan_lora
+from .formats.write import Factor, OutModule, OutputFormat, check_modules, plan_lora
 from .layouts import Layout, open_layout
 from .layouts.resolve import resolve_updates
 from .layouts.spelling import Spellings, kohya_text_path
@@ -32,20 +32,20 @@ ProgressCallback = engine.ProgressCallback
 
 @dataclass(frozen=True)
 class ConvertReport:
-    """What was converted: the modules per component (``unet``, ``te``, ``te1``, ``te2``,
+    """What was converted: ``converted`` modules per component (``unet``, ``te``, ``te1``, ``te2``,
     ``te3``), how many carry their own alpha, the formats and the family."""
 
     out: Path
     source_format: str
     format: str
     family: str
-    modules: dict[str, int]
+    converted: dict[str, int]
     alphas: int
     seconds: float
 
     @property
     def total(self) -> int:
-        return sum(self.modules.values())
+        return sum(self.converted.values())
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -127,11 +127,13 @@ def _out_modules(
         fitted = fmt is not OutputFormat.KOHYA and update.source in shapes
         factors = _fitted(update, shapes.get(update.source) if fitted else None)
         dora = Factor.copy_of(update.dora_scale) if update.dora_scale is not None else None
-        modules.append(OutModule(
-            update.component, _module_name(update, lora, fmt, spellings), update.kind,
-            factors, _alpha(update), update.rank, dora, update.source,
-        ))  # fmt: skip
-    return modules
+        modules.append(OutModule(update.component, update.module, update.kind, factors,
+                                 _alpha(update), update.rank, dora, update.source))  # fmt: skip
+    check_modules(modules, fmt, lora.path)  # what cannot be written, before any name lookup
+    return [
+        dataclasses.replace(m, module=_module_name(u, lora, fmt, spellings))
+        for m, u in zip(modules, lora.updates, strict=True)
+    ]
 
 
 def _is_dit(lora: LoraFile, family: Family) -> bool:

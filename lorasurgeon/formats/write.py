@@ -4,8 +4,10 @@ diffusers or PEFT output, planned for the engine (shared/spec/sd-lora.md §1, §
 API (``plan_lora`` then ``engine.run``; nothing is written here):
 
 - ``OutModule(component, module, kind, factors, alpha, rank)``: one module. ``module`` is its
-  dotted path in the spelling the output should carry (``module_spelling`` picks it from a base
-  layout; kohya names are that path mangled); ``factors`` maps canonical part names (``down``,
+  path in the spelling the output should carry, dotted (kohya output mangles it) or already
+  mangled for kohya: ``layouts.spelling.Spellings.of(layout)`` gives ``.kohya(component, key)``
+  (sd-scripts' spelling for the base's family) and ``.diffusers(component, key)``;
+  ``factors`` maps canonical part names (``down``,
   ``up``, ``mid``, ``up_bias``, LyCORIS ``w1a``… as in ``ModuleUpdate``) to ``Factor``s: copied
   unchanged from an input tensor (``Factor.copy_of``) or computed by the caller
   (``Factor(dtype, shape)``). ``alpha`` None means α = r (scaling 1).
@@ -45,6 +47,7 @@ __all__ = [
     "LoraPlan",
     "OutModule",
     "OutputFormat",
+    "check_modules",
     "diffusers_component",
     "kohya_prefix_of",
     "plan_lora",
@@ -397,8 +400,20 @@ def _check_components(modules: Sequence[OutModule], fmt: OutputFormat) -> None:
         raise OptionError(
             f"a PEFT adapter holds the modules of one model, this LoRA has {len(components)} "
             f"components ({', '.join(components)})",
-            hint="use --format diffusers (one file, one section per component)",
+            hint="write it as diffusers (--format diffusers; convert: --to diffusers), one file "
+            "with a section per component",
         )
+
+
+def check_modules(modules: Sequence[OutModule], fmt: OutputFormat, source: Path | None) -> None:
+    """Refuse, before any name is mapped, what ``fmt`` cannot hold (see ``plan_lora``).
+
+    Raises:
+        AdapterError, OptionError: as ``plan_lora``.
+    """
+    for m in modules:
+        _check_module(m, fmt, source)
+    _check_components(modules, fmt)
 
 
 def plan_lora(
@@ -429,9 +444,7 @@ def plan_lora(
             lora_B bias in kohya, a T5 module in diffusers), or two modules with one name.
         OptionError: ``fmt`` is PEFT and the modules belong to several components.
     """
-    for m in modules:
-        _check_module(m, fmt, source)
-    _check_components(modules, fmt)
+    check_modules(modules, fmt, source)
     given = {k: v for k, v in (metadata or {}).items() if k not in _DROPPED_METADATA}
     own: list[tuple[str, float, str]] = []
     if fmt is OutputFormat.KOHYA:
