@@ -309,3 +309,23 @@ def test_bad_combinations_exit_1_naming_both_files_and_nothing_written(
         code, err = _run(capsys, *args, "-o", out)
         assert code == 2 and err.startswith("error: ") and words in err, err
         assert not out.exists()
+
+
+def test_kohya_and_diffusers_files_combine_module_by_module_with_format(
+    models: dict[str, TinySD], tmp_path: Path
+) -> None:
+    """A kohya file and its diffusers conversion name every module differently (``lora_te_`` vs
+    ``text_encoder.``, mangled vs dotted paths): each module is matched, none doubled."""
+    from lorasurgeon.convert import convert
+
+    model = models["sd1"]
+    base = save_ldm(model, tmp_path / "base.safetensors")
+    kohya = write_locon(model, tmp_path / "k.safetensors", seed=12)
+    convert(kohya, tmp_path / "d.safetensors", to="diffusers", base=base)
+    report = lorasurgeon.combine([kohya, tmp_path / "d.safetensors"], tmp_path / "c.safetensors",
+                                 method="cat", weights=[0.25, 0.75], output_format="kohya",
+                                 device="cpu")  # fmt: skip
+    assert len(report.modules) == len(deltas(kohya))
+    assert all(m.adapters == 2 for m in report.modules)
+    assert_same_merge(merged(base, [tmp_path / "c.safetensors"], tmp_path / "m.safetensors"),
+                      merged(base, [kohya], tmp_path / "k-m.safetensors"))  # fmt: skip
