@@ -3,7 +3,8 @@
 ``read_manifest`` validates everything before anything runs; ``plan_batch`` says which jobs are
 done already (their output carries provenance matching the job); ``run_jobs`` runs the others
 on local worker processes (``runners``). No command logic here: a job is ``merge(...)``,
-``extract(...)``, ``combine(...)`` or ``resize(...)`` with the options the manifest spells.
+``extract(...)``, ``combine(...)``, ``resize(...)`` or ``convert(...)`` with the options the
+manifest spells.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Command(str, Enum):
     EXTRACT = "extract"
     COMBINE = "combine"
     RESIZE = "resize"
+    CONVERT = "convert"
 
 
 class Status(str, Enum):
@@ -111,7 +113,8 @@ _STR, _INT, _FLOAT, _BOOL = _typed(str), _typed(int), _typed(float), _typed(bool
 _RANKS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "rank-method": ("rank_method", _STR), "energy": ("energy", _FLOAT),
     "param-budget": ("param_budget", _INT), "min-rank": ("min_rank", _INT),
-    "max-rank": ("max_rank", _INT),
+    "max-rank": ("max_rank", _INT), "sv-ratio": ("sv_ratio", _FLOAT),
+    "sv-cumulative": ("sv_cumulative", _FLOAT),
 }  # fmt: skip
 _COMMON: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "device": ("device", _STR), "dtype": ("dtype", _STR),
@@ -136,18 +139,22 @@ OPTIONS: dict[Command, dict[str, tuple[str, Callable[[Any], Any]]]] = {
         **_COMMON, "weight": ("weights", _floats), "method": ("method", _STR),
         "svd": ("svd", _BOOL), "rank": ("rank", _INT), "clamp": ("clamp", _FLOAT),
         "density": ("density", _FLOAT), "majority-sign": ("majority_sign", _STR),
-        "seed": ("seed", _INT),
+        "seed": ("seed", _INT), "format": ("output_format", _STR),
     },
-    Command.RESIZE: {**_COMMON, **_RANKS, "rank": ("rank", _INT)},
+    Command.RESIZE: {
+        **_COMMON, **_RANKS, "rank": ("rank", _INT), "format": ("output_format", _STR),
+        "keep-lycoris": ("keep_lycoris", _BOOL),
+    },
+    Command.CONVERT: {"to": ("to", _STR), "base": ("base", _STR)},
 }  # fmt: skip
 _REPORTS = frozenset({Command.EXTRACT, Command.COMBINE, Command.RESIZE})
 _ROLES: dict[Command, tuple[str, ...]] = {
     Command.MERGE: ("base", "adapter"), Command.EXTRACT: ("base", "tuned"),
-    Command.COMBINE: ("adapter",), Command.RESIZE: ("adapter",),
+    Command.COMBINE: ("adapter",), Command.RESIZE: ("adapter",), Command.CONVERT: ("adapter",),
 }  # fmt: skip
 _ARITY: dict[Command, tuple[int, int | None]] = {
     Command.MERGE: (2, None), Command.EXTRACT: (2, 2), Command.COMBINE: (1, None),
-    Command.RESIZE: (1, 1),
+    Command.RESIZE: (1, 1), Command.CONVERT: (1, 1),
 }  # fmt: skip
 
 
@@ -286,6 +293,8 @@ def _job(manifest: Path, index: int, entry: Any, defaults: Mapping[str, Any]) ->
     if unknown_defaults:
         raise ManifestError(f"defaults: unknown option {unknown_defaults[0]!r}", path=manifest)
     inputs = _inputs(manifest, entry.get("inputs"), command, fail)
+    if "base" in options:  # convert's --base is a location too
+        options["base"] = _location(manifest, options["base"], fail)
     output = entry.get("output")
     if not isinstance(output, str) or not output:
         raise fail("needs `output:` (the -o path)")
@@ -330,11 +339,18 @@ def _check_values(command: Command, options: Mapping[str, Any]) -> None:
         method = choice(RankMethod, options.get("rank_method", "fixed"), "rank method")
         RankPolicy(method, options.get("rank"), options.get("energy"),
                    options.get("param_budget"), options.get("min_rank", 1),
-                   options.get("max_rank"))  # fmt: skip
+                   options.get("max_rank"), options.get("sv_ratio"),
+                   options.get("sv_cumulative"))  # fmt: skip
         if command is Command.RESIZE and method is RankMethod.FIXED and "rank" not in options:
-            raise OptionError("give rank, or rank-method energy/budget")
+            raise OptionError("give rank, or another rank-method (energy, budget, ...)")
     if command is Command.EXTRACT:
         choice(SvdMethod, options.get("svd", "randomized"), "svd")
+    if command is Command.CONVERT:
+        from .formats.write import OutputFormat
+
+        if "to" not in options:
+            raise OptionError("give to: peft, kohya or diffusers")
+        choice(OutputFormat, options["to"], "format")
     if command is Command.COMBINE:
         sign = options.get("majority_sign")
         CombineOptions(choice(CombineMethod, options.get("method", "linear"), "method"),
@@ -359,16 +375,17 @@ def _inputs(
     if len(items) < low or (high is not None and len(items) > high):
         count = str(low) if low == high else f"at least {low}"
         raise fail(f"{command.value} takes {count} inputs, {len(items)} given")
-    resolved = []
-    for text in items:
-        local = _relative(manifest, text)
-        if local.exists():
-            resolved.append(os.fspath(local))
-        elif _REPO_ID.match(text) and not text.startswith((".", "/", "~")):
-            resolved.append(text)
-        else:
-            raise fail(f"input {text!r} does not exist", hint="paths are relative to the manifest")
-    return tuple(resolved)
+    return tuple(_location(manifest, text, fail) for text in items)
+
+
+def _location(manifest: Path, text: str, fail: Callable[..., ManifestError]) -> str:
+    """A path made relative to the manifest's directory, or a Hub id."""
+    local = _relative(manifest, text)
+    if local.exists():
+        return os.fspath(local)
+    if _REPO_ID.match(text) and not text.startswith((".", "/", "~")):
+        return text
+    raise fail(f"input {text!r} does not exist", hint="paths are relative to the manifest")
 
 
 def _check_jobs(manifest: Path, jobs: Sequence[Job]) -> None:
@@ -409,17 +426,20 @@ def _locations(job: Job) -> list[tuple[str, Location]]:
     first, *others = _ROLES[job.command]
     roles = [first, *(others[-1] if others else first for _ in job.inputs[1:])]
     kind = {"base": Role.CHECKPOINT, "tuned": Role.CHECKPOINT, "adapter": Role.ADAPTER}
-    return [
+    located = [
         (role, resolve(text, role=kind[role])) for role, text in zip(roles, job.inputs, strict=True)
     ]
+    if job.command is Command.CONVERT and job.options.get("base") is not None:
+        located.append(("base", resolve(job.options["base"], role=Role.CHECKPOINT)))
+    return located
 
 
 def _api_function(command: Command) -> Callable[..., Any]:
-    from . import combine, extract, merge, resize
+    from . import combine, convert, extract, merge, resize
 
     functions: dict[Command, Callable[..., Any]] = {
         Command.MERGE: merge, Command.EXTRACT: extract, Command.COMBINE: combine,
-        Command.RESIZE: resize,
+        Command.RESIZE: resize, Command.CONVERT: convert,
     }  # fmt: skip
     return functions[command]
 
@@ -474,6 +494,8 @@ def figure_of_merit(report: Any) -> str:
     """A job's figure of merit, from its report: tensors changed, or the worst module error."""
     if hasattr(report, "changed"):
         return f"{report.changed} tensors changed"
+    if hasattr(report, "converted"):
+        return f"{report.total} modules converted"
     modules = getattr(report, "modules", None)
     if modules:
         return f"worst rel_error {max(m.rel_error for m in modules):.4f}"

@@ -117,6 +117,13 @@ def _check_weights(
         )
 
 
+_LORA_FORMAT = click.option(
+    "--format", "output_format", type=_choices(api.OutputFormat),
+    default=None,
+    help="Format of a diffusion LoRA output [default: the input's].",
+)  # fmt: skip
+
+
 def _rank_selection_options(max_default: str) -> Callable[[F], F]:
     """--rank-method, --energy, --param-budget, --min-rank, --max-rank and --report (listed in
     this order): shared by extract and resize."""
@@ -127,14 +134,29 @@ def _rank_selection_options(max_default: str) -> Callable[[F], F]:
             "--max-rank",
             type=click.IntRange(min=1),
             default=None,
-            help=f"Largest rank of any module (energy, budget) [default: {max_default}].",
+            help=f"Largest rank of any module (all but fixed) [default: {max_default}].",
         )(f)
         f = click.option(
             "--min-rank",
             type=click.IntRange(min=1),
             default=1,
             show_default=True,
-            help="Smallest rank of any module (energy, budget).",
+            help="Smallest rank of any module (all but fixed).",
+        )(f)
+        f = click.option(
+            "--sv-cumulative",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=None,
+            metavar="F",
+            help="Fraction of the sum of each update's singular values to keep "
+            "(sv_cumulative only).",
+        )(f)
+        f = click.option(
+            "--sv-ratio",
+            type=click.FloatRange(min=1),
+            default=None,
+            metavar="R",
+            help="Keep the singular values >= the largest / R (sv_ratio only).",
         )(f)
         f = click.option(
             "--param-budget",
@@ -148,7 +170,8 @@ def _rank_selection_options(max_default: str) -> Callable[[F], F]:
             type=click.FloatRange(0, 1, min_open=True),
             default=None,
             metavar="F",
-            help="Fraction of each update's squared norm to keep (energy only).",
+            help="Fraction of each update's squared norm to keep (energy only; kohya's "
+            "sv_fro P is --energy P²).",
         )(f)
         f = click.option(
             "--rank-method",
@@ -156,7 +179,8 @@ def _rank_selection_options(max_default: str) -> Callable[[F], F]:
             default="fixed",
             show_default=True,
             help="fixed rank; energy: smallest rank keeping --energy of each update; "
-            "budget: --param-budget parameters spent where they remove the most error.",
+            "budget: --param-budget parameters spent where they remove the most error; "
+            "sv_ratio, sv_cumulative: kohya resize_lora.py's dynamic methods.",
         )(f)
         return f
 
@@ -222,7 +246,8 @@ def cli(_debug: bool) -> None:
 
     Fold LoRA adapters into safetensors checkpoints (`merge`; PEFT adapters, and kohya,
     LyCORIS and diffusers LoRAs into SD/SDXL/FLUX checkpoints), pull a LoRA out of a
-    fine-tune (`extract`), mix adapters (`combine`), change their ranks (`resize`), see what
+    fine-tune (`extract`), mix adapters (`combine`), change their ranks (`resize`), rewrite a
+    diffusion LoRA in another format (`convert`: kohya, diffusers, peft), see what
     a checkpoint or adapter holds (`inspect`), what changed between two checkpoints (`diff`)
     and whether a merge is what it claims (`verify`), and run many jobs from a manifest
     (`batch`). Every LOCATION is a checkpoint directory, a .safetensors file, a PEFT adapter
@@ -418,7 +443,8 @@ def extract(
     base: str, tuned: str, out: str, rank: int | None, alpha: float | None, target_modules: str,
     exclude_modules: str | None, layers_to_transform: str | None, layers_pattern: str | None,
     rank_method: str, energy: float | None, param_budget: int | None, min_rank: int,
-    max_rank: int | None, svd: str, save_modules: str | None, dtype: str,
+    max_rank: int | None, sv_ratio: float | None, sv_cumulative: float | None, svd: str,
+    save_modules: str | None, dtype: str,
     fan_in_fan_out: str | None, plot: str | None, uniform_rank: bool, report_path: str | None,
     overwrite: bool,
     device: str, quiet: bool, debug: bool,
@@ -453,8 +479,9 @@ def extract(
             base, tuned, out, rank=rank, alpha=alpha, target_modules=targets,
             exclude_modules=_split(exclude_modules), layers_to_transform=layers,
             layers_pattern=_split(layers_pattern), rank_method=rank_method, energy=energy,
-            param_budget=param_budget, min_rank=min_rank, max_rank=max_rank, svd=svd,
-            save_modules=_split(save_modules) or (), dtype=dtype,
+            param_budget=param_budget, min_rank=min_rank, max_rank=max_rank, sv_ratio=sv_ratio,
+            sv_cumulative=sv_cumulative, svd=svd, save_modules=_split(save_modules) or (),
+            dtype=dtype,
             fan_in_fan_out=_fan_in_fan_out(fan_in_fan_out), uniform_rank=uniform_rank,
             device=device, overwrite=overwrite, progress=bar,
         )  # fmt: skip
@@ -532,15 +559,18 @@ def _write_report(path: str | None, data: dict[str, Any]) -> None:
 @click.option(
     "--seed", type=int, default=None, help="Seed of the dare_* random masks [default: 0]."
 )
-@_dtype_option("dtype of the stored factors; auto: float32, as PEFT saves them.")
+@_dtype_option(
+    "dtype of the stored factors; auto: float32, as PEFT saves them (LoRA files: their own)."
+)
+@_LORA_FORMAT
 @_UNIFORM_RANK
 @_REPORT
 @_compute_options
 def combine(
     adapters: tuple[str, ...], out: str, weights: tuple[float, ...], method: str, svd: bool,
     rank: int | None, clamp: float | None, density: float | None, majority_sign: str | None,
-    seed: int | None, dtype: str, uniform_rank: bool, report_path: str | None,
-    overwrite: bool, device: str, quiet: bool, debug: bool,
+    seed: int | None, dtype: str, output_format: str | None, uniform_rank: bool,
+    report_path: str | None, overwrite: bool, device: str, quiet: bool, debug: bool,
 ) -> None:  # fmt: skip
     """Combine ADAPTERs into one, as PEFT's add_weighted_adapter does, without a model.
 
@@ -552,12 +582,15 @@ def combine(
     llama.cpp applies it right), rslora inputs give the exact sum (PEFT: sqrt(rank) too
     large), tensors an adapter stores whole are kept (PEFT: the base's); DoRA adapters are
     refused. DARE masks come from --seed. --uniform-rank: no rank_pattern (for vLLM).
+    Diffusion LoRA files (kohya/LyCORIS LoRA and LoCon, diffusers) combine module by module
+    across files of one family into their format (or --format), one alpha for all modules.
 
     \b
     Examples:
       lorasurgeon combine style/ subject/ --weight 0.7 --weight 0.4 --method cat -o mixed
       lorasurgeon combine a/ b/ c/ --svd --rank 16 -o abc
       lorasurgeon combine a/ b/ --method ties --density 0.5 --svd -o ab-ties
+      lorasurgeon combine style.safetensors detail.safetensors --method cat -o both.safetensors
     """
     _check_weights(weights, adapters)
     bar = _Bar(quiet, "combine", unit="module")
@@ -565,7 +598,8 @@ def combine(
         report = api.combine(
             adapters, out, weights=list(weights) or None, method=method, svd=svd, rank=rank,
             clamp=clamp, density=density, majority_sign=majority_sign, seed=seed, dtype=dtype,
-            uniform_rank=uniform_rank, device=device, overwrite=overwrite, progress=bar,
+            output_format=output_format, uniform_rank=uniform_rank, device=device,
+            overwrite=overwrite, progress=bar,
         )  # fmt: skip
     finally:
         bar.close()
@@ -585,12 +619,19 @@ def combine(
 )
 @_rank_selection_options("the input rank")
 @_dtype_option("dtype of the stored factors; auto: the input's.")
+@_LORA_FORMAT
+@click.option(
+    "--keep-lycoris", is_flag=True,
+    help="Copy LoHa, LoKr and full modules of a LoRA file unchanged (else refused).",
+)  # fmt: skip
 @_UNIFORM_RANK
 @_compute_options
 def resize(
     adapter: str, out: str, rank: int | None, rank_method: str, energy: float | None,
-    param_budget: int | None, min_rank: int, max_rank: int | None, report_path: str | None,
-    dtype: str, uniform_rank: bool, overwrite: bool, device: str, quiet: bool, debug: bool,
+    param_budget: int | None, min_rank: int, max_rank: int | None, sv_ratio: float | None,
+    sv_cumulative: float | None, report_path: str | None, dtype: str,
+    output_format: str | None, keep_lycoris: bool, uniform_rank: bool, overwrite: bool,
+    device: str, quiet: bool, debug: bool,
 ) -> None:  # fmt: skip
     """Change the ranks of ADAPTER's modules, each the best approximation at its rank.
 
@@ -600,7 +641,9 @@ def resize(
     every module keeps its rank: anyone's adapter (alpha_pattern, rslora, mixed ranks)
     rewritten losslessly with one lora_alpha, which llama.cpp applies right; add
     --uniform-rank for vLLM. Each module's update and the whole tensors are kept. A summary
-    of the errors ends the run.
+    of the errors ends the run. A diffusion LoRA file (kohya/LyCORIS LoRA and LoCon, Tucker
+    included, diffusers) is resized the same way into its format (or --format), one alpha
+    for all modules, each module's scaling folded in.
 
     \b
     Examples:
@@ -608,19 +651,64 @@ def resize(
       lorasurgeon resize my-lora/ -o my-lora-r8 --rank 8
       lorasurgeon resize my-lora/ -o smaller --rank-method energy --energy 0.95
       lorasurgeon resize my-lora/ -o smaller --rank-method budget --param-budget 5000000
+      lorasurgeon resize style.safetensors -o style-r8.safetensors --rank 8
+      lorasurgeon resize style.safetensors -o s.safetensors --rank-method sv_ratio --sv-ratio 8
     """
     bar = _Bar(quiet, "resize", unit="step")
     try:
         report = api.resize(
             adapter, out, rank=rank, rank_method=rank_method, energy=energy,
-            param_budget=param_budget, min_rank=min_rank, max_rank=max_rank,
-            uniform_rank=uniform_rank, dtype=dtype, device=device, overwrite=overwrite,
-            progress=bar,
+            param_budget=param_budget, min_rank=min_rank, max_rank=max_rank, sv_ratio=sv_ratio,
+            sv_cumulative=sv_cumulative, uniform_rank=uniform_rank, dtype=dtype,
+            output_format=output_format, keep_lycoris=keep_lycoris, device=device,
+            overwrite=overwrite, progress=bar,
         )  # fmt: skip
     finally:
         bar.close()
     _write_report(report_path, report.to_dict())
     _echo(render.resize_lines(report))
+
+
+@cli.command()
+@click.argument("lora")
+@click.option(
+    "-o", "--output", "out", required=True, metavar="OUT",
+    help="The file to write (a directory for --to peft).",
+)  # fmt: skip
+@click.option(
+    "--to", "to", type=_choices(api.OutputFormat), required=True,
+    help="Output format: kohya (one file), diffusers (one file) or peft (adapter directory).",
+)  # fmt: skip
+@click.option(
+    "--base", default=None, metavar="BASE",
+    help="The checkpoint the LoRA is for (LDM file or diffusers folder): needed to turn kohya "
+    "names into diffusers paths; checks the LoRA against it.",
+)  # fmt: skip
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once done).")
+@_common
+def convert(
+    lora: str, out: str, to: str, base: str | None, overwrite: bool, quiet: bool, debug: bool
+) -> None:
+    """Write the diffusion LoRA file LORA in another format: the same update, exactly.
+
+    Every factor is copied unchanged and each module keeps its rank and alpha (kohya: one
+    alpha tensor per module; diffusers: lora_alpha with rank_pattern/alpha_pattern in
+    lora_adapter_metadata, never diffusers' alpha = rank). kohya names become diffusers
+    paths only through --base (kohya to diffusers/peft without it is refused); diffusers to
+    kohya needs none, and with --base follows sd-scripts' names for the base's family (LDM
+    names for SDXL). LyCORIS (LoHa, LoKr, Tucker) and DoRA modules are kept in kohya output
+    and refused by name elsewhere. A peft adapter holds one component: a LoRA with text
+    encoders is refused there (use --to diffusers). The summary counts the modules converted
+    per component.
+
+    \b
+    Examples:
+      lorasurgeon convert my_lora.safetensors -o my_lora_diffusers.safetensors --to diffusers \\
+          --base sd_xl_base_1.0.safetensors
+      lorasurgeon convert pytorch_lora_weights.safetensors -o my_lora_kohya.safetensors --to kohya
+    """
+    report = api.convert(lora, out, to=to, base=base, overwrite=overwrite)
+    _echo(render.convert_lines(report))
 
 
 @cli.command(name="diff")
@@ -781,7 +869,7 @@ def batch(
     manifest: str, workers: int, fail_fast: bool, dry_run: bool, shard: tuple[int, int] | None,
     results_path: str | None, ray_address: str | None, quiet: bool, debug: bool,
 ) -> None:  # fmt: skip
-    """Run the merge, extract, combine and resize jobs of MANIFEST (.yaml or .jsonl).
+    """Run the merge, extract, combine, resize and convert jobs of MANIFEST (.yaml or .jsonl).
 
     The whole manifest is validated first (exit 2 naming the job). A job whose output exists
     with provenance matching it (inputs, resolved revisions, options, tool version) is

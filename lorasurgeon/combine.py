@@ -561,6 +561,54 @@ def _linear_note(plan: CombinePlan, rows: Sequence[CombinedModule]) -> list[str]
     ]
 
 
+def _lora_files(adapters: Sequence[str | os.PathLike[str]]) -> list[Location] | None:
+    """The inputs resolved, when they are diffusion LoRA files; None for PEFT adapters.
+
+    Raises:
+        OptionError: LoRA files mixed with PEFT adapter directories.
+    """
+    from .diffusion import is_lora_file
+
+    if not adapters:
+        return None
+    locations = [resolve(a, role=Role.ADAPTER) for a in adapters]
+    found = [is_lora_file(loc.path) for loc in locations]
+    if not any(found):
+        return None
+    if not all(found):
+        raise OptionError(
+            "diffusion LoRA files (.safetensors) cannot be combined with PEFT "
+            "adapter directories; convert one side first (`lorasurgeon convert`)"
+        )
+    return locations
+
+
+def _combine_files(
+    locations: list[Location], out: str | os.PathLike[str], recorded: dict[str, Any], *,
+    weights: Sequence[float] | None, spec: CombineOptions, dtype: str,
+    output_format: str | None, uniform_rank: bool, device: str, overwrite: bool,
+    progress: ProgressCallback | None, masks: MaskSource | None,
+) -> CombineReport:  # fmt: skip
+    """``combine`` of diffusion LoRA files (``sdlora.combine_files``)."""
+    from .ops import resolve_device
+    from .sdlora import combine_files
+
+    options = _options(len(locations), weights, spec, dtype)
+    if uniform_rank:
+        raise OptionError("--uniform-rank applies to PEFT adapters: kohya and diffusers files "
+                          "store each module's rank in its tensors")  # fmt: skip
+    out_path = engine.check_output(out, [loc.path for loc in locations], overwrite=overwrite)
+    record = provenance.start("combine", recorded, [("adapter", loc) for loc in locations])
+    report = combine_files(
+        locations, out_path, options=options, fmt=output_format, seed=spec.seed or 0,
+        device=resolve_device(device), overwrite=overwrite, record=record, progress=progress,
+        masks=masks,
+    )  # fmt: skip
+    for note in report.notes:
+        logger.warning(note)
+    return report
+
+
 def combine(
     adapters: Sequence[str | os.PathLike[str]],
     out: str | os.PathLike[str],
@@ -575,6 +623,7 @@ def combine(
     seed: int | None = None,
     uniform_rank: bool = False,
     dtype: str = "auto",
+    output_format: str | None = None,
     device: str = "auto",
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
@@ -607,12 +656,35 @@ def combine(
             rank_pattern (vLLM ignores rank_pattern).
         dtype: factor dtype; ``auto`` is float32, as PEFT saves combinations.
         masks: replays DARE masks instead of drawing them (see ``MaskSource``).
+        output_format: for diffusion LoRA files, ``kohya``, ``diffusers`` or ``peft``
+            (default: the inputs' one format).
+
+    Diffusion LoRA files (kohya/LyCORIS LoRA and LoCon, Tucker included, or diffusers) are
+    combined with the same methods over the modules matched by (component, mangled module
+    path) across files of one family, and written in their format or ``output_format``
+    through ``formats.write``, every module under one alpha (the largest output rank) with
+    its scaling folded in; ``dtype`` auto is the inputs' factor dtype there. Mixed formats
+    without ``output_format``, mixed families or UNet spellings, LoHa/LoKr/full and DoRA
+    modules are refused by name.
 
     Raises:
         LocationError, AdapterError, IncompatibleError, OptionError, OutputError.
     """
     options = provenance.options_of(combine, locals())  # first: the arguments only
     started = time.monotonic()
+    files = _lora_files(adapters)
+    if files is not None:
+        return _combine_files(
+            files, out, options, weights=weights, spec=CombineOptions(
+                choice(CombineMethod, method, "method"), svd, rank, clamp, density,
+                None if majority_sign is None else choice(MajoritySign, majority_sign,
+                                                          "majority sign"), seed,
+            ), dtype=dtype, output_format=output_format, uniform_rank=uniform_rank,
+            device=device, overwrite=overwrite, progress=progress, masks=masks,
+        )  # fmt: skip
+    if output_format not in (None, "peft"):
+        raise OptionError("--format kohya|diffusers applies to diffusion LoRA files; PEFT "
+                          "adapters are combined into a PEFT adapter")  # fmt: skip
     plan = plan_combine(
         adapters, weights=weights, method=method, svd=svd, rank=rank, clamp=clamp,
         density=density, majority_sign=majority_sign, dtype=dtype, seed=seed,

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -341,6 +342,8 @@ class _Options:
         """How many singular triplets to compute per module before ranks are chosen."""
         if self.policy.method is RankMethod.FIXED:
             return self.rank
+        if self.policy.method is RankMethod.SV_CUMULATIVE:
+            return sys.maxsize  # its fraction is of the sum of every singular value
         return self.policy.max_rank or DEFAULT_MAX_RANK
 
 
@@ -349,7 +352,13 @@ def _options(policy: RankPolicy, alpha: float | None, svd: str, dtype: str) -> _
     if alpha is not None and alpha <= 0:
         raise OptionError(f"--alpha must be positive, not {alpha}")
     code = DType.code_of(dtype)
-    return _Options(policy, alpha, choice(SvdMethod, svd, "svd method"), code)
+    method = choice(SvdMethod, svd, "svd method")
+    if policy.method is RankMethod.SV_CUMULATIVE and method is not SvdMethod.EXACT:
+        raise OptionError(
+            "--rank-method sv_cumulative needs every singular value, which only --svd exact "
+            "computes", hint="add --svd exact",
+        )  # fmt: skip
+    return _Options(policy, alpha, method, code)
 
 
 @dataclass
@@ -620,6 +629,8 @@ def extract(
     param_budget: int | None = None,
     min_rank: int = 1,
     max_rank: int | None = None,
+    sv_ratio: float | None = None,
+    sv_cumulative: float | None = None,
     svd: str = "randomized",
     save_modules: Sequence[str] = (),
     dtype: str = "auto",
@@ -645,9 +656,13 @@ def extract(
             alpha_pattern: PEFT, llama.cpp and vLLM all apply ``lora_alpha / rank``.
         target_modules: names, a regex, or ``all-linear`` (PEFT's rules).
         rank_method: ``fixed``; ``energy`` (smallest rank keeping fraction ``energy`` of each
-            delta's squared norm); ``budget`` (``param_budget`` LoRA parameters in total, spent
-            where they remove the most squared error).
-        min_rank, max_rank: bounds of every rank (max defaults to 128 for energy/budget).
+            delta's squared norm; kohya's sv_fro P is energy P²); ``budget`` (``param_budget``
+            LoRA parameters in total, spent where they remove the most squared error);
+            ``sv_ratio`` (kohya's: singular values >= the largest / ``sv_ratio``);
+            ``sv_cumulative`` (kohya's: the smallest rank whose singular values sum to
+            fraction ``sv_cumulative`` of them all; needs ``svd="exact"``).
+        min_rank, max_rank: bounds of every rank (max defaults to 128 for the methods other
+            than fixed, sv_cumulative excepted).
         svd: ``randomized`` (default) or ``exact``.
         exclude_modules: modules never extracted; their tensors may also be missing from one
             checkpoint or differ in shape (any other such tensor is an error).
@@ -666,7 +681,7 @@ def extract(
     recorded = provenance.options_of(extract, locals())  # first: the arguments only
     started = time.monotonic()
     policy = RankPolicy(choice(RankMethod, rank_method, "rank method"), rank, energy,
-                        param_budget, min_rank, max_rank)  # fmt: skip
+                        param_budget, min_rank, max_rank, sv_ratio, sv_cumulative)  # fmt: skip
     options = _options(policy, alpha, svd, dtype)
     plan = plan_extraction(
         base, tuned, target_modules=target_modules, exclude_modules=exclude_modules,
@@ -688,6 +703,7 @@ def extract(
         [r.svd for r in results], [r.module.matrix_shape for r in results],
         method=policy.method, rank=options.rank, energy=policy.energy,
         param_budget=policy.param_budget, min_rank=policy.min_rank, max_rank=policy.max_rank,
+        sv_ratio=policy.sv_ratio, sv_cumulative=policy.sv_cumulative,
     )  # fmt: skip
     names = [r.module.module for r in results]
     layout = RankLayout.of(dict(zip(names, ranks, strict=True)), alpha=options.alpha,

@@ -55,12 +55,15 @@ class TruncatedSVD:
     forming it: ‖delta - u_r diag(s_r) vh_r‖_F² = ‖delta‖_F² - Σ_{i<r} s_i².
     ``truncated_svd`` makes this identity hold to float64 precision (see there). Rounding ``u``
     and ``vh`` to float32 moves the reconstruction by about 1e-7·‖delta‖_F more.
+    ``nuclear`` = Σ of all of delta's singular values (float64) where the decomposition saw
+    them all (``product_svd``, or every triplet kept), else None.
     """
 
     u: torch.Tensor
     s: torch.Tensor
     vh: torch.Tensor
     total_energy: float
+    nuclear: float | None = None
 
     @property
     def max_rank(self) -> int:
@@ -255,7 +258,8 @@ def truncated_svd(
     else:
         basis = _range_finder(a, k + oversample, iterations, generator)
     u, s, vh, total = _rayleigh_ritz(a, basis, k)
-    return TruncatedSVD(u=u, s=s, vh=vh, total_energy=total)
+    nuclear = float(s.sum()) if k == min(a.shape) else None
+    return TruncatedSVD(u=u, s=s, vh=vh, total_energy=total, nuclear=nuclear)
 
 
 def stored_rel_error(
@@ -338,7 +342,7 @@ def product_svd(left: torch.Tensor, right: torch.Tensor, rank: int | None = None
     total = float(torch.linalg.vecdot(s, s))
     k = s.shape[0] if rank is None else min(rank, s.shape[0])
     u, vh = _canonical_signs(q_l @ u_c[:, :k], vh_c[:k] @ q_r.mT)
-    return TruncatedSVD(u=u, s=s[:k], vh=vh, total_energy=total)
+    return TruncatedSVD(u=u, s=s[:k], vh=vh, total_energy=total, nuclear=float(s.sum()))
 
 
 def _quantile(values: torch.Tensor, q: float) -> torch.Tensor:
@@ -384,6 +388,29 @@ def _bounds(
 def _energy_rank(svd: TruncatedSVD, energy: float) -> int:
     # energy_kept is non-decreasing in the rank, so the first rank that reaches it is minimal.
     reached = (r for r in range(svd.max_rank + 1) if svd.energy_kept(r) >= energy)
+    return next(reached, svd.max_rank)
+
+
+def _ratio_rank(svd: TruncatedSVD, ratio: float) -> int:
+    """The count of singular values s_i >= s_0 / ratio; zeros are never kept."""
+    values = svd.s.tolist()
+    if not values or values[0] <= 0:
+        return 0
+    floor = values[0] / ratio
+    return sum(1 for x in values if x > 0 and x >= floor)
+
+
+def _cumulative_rank(svd: TruncatedSVD, fraction: float) -> int:
+    """The smallest r with Σ_{i<r} s_i >= fraction · Σ_i s_i (all of delta's values)."""
+    if svd.nuclear is None:
+        raise OptionError(
+            "the sv_cumulative rank method needs every singular value of each update",
+            hint="use --svd exact",
+        )
+    if svd.nuclear <= 0:
+        return 0
+    sums = itertools.accumulate(svd.s.tolist())
+    reached = (r + 1 for r, total in enumerate(sums) if total >= fraction * svd.nuclear)
     return next(reached, svd.max_rank)
 
 
@@ -443,6 +470,8 @@ def select_ranks(
     param_budget: int | None = None,
     min_rank: int = 1,
     max_rank: int | None = None,
+    sv_ratio: float | None = None,
+    sv_cumulative: float | None = None,
 ) -> list[int]:
     """One rank per module, from the modules' spectra and (m, n) shapes.
 
@@ -466,6 +495,12 @@ def select_ranks(
       greedy stops at most one step short: its error exceeds the optimum by less than that
       step's gain (at most the largest gain left out), and with the same m + n for every
       module it is exactly optimal.
+    - ``sv_ratio`` (kohya's): the count of singular values s_i >= s_0 / ``sv_ratio``.
+    - ``sv_cumulative`` (kohya's): the smallest r with Σ_{i<r} s_i >= ``sv_cumulative`` ·
+      Σ_i s_i, the sum over all of delta's singular values (``TruncatedSVD.nuclear``).
+    kohya's sv_fro P, the smallest r with sqrt(Σ_{i<r} s_i² / Σ_i s_i²) >= P, is ``energy``
+    P². Unlike kohya's resize_lora.py these may keep every rank (kohya keeps at most one less
+    than the input's) and are bounded by ``min_rank``/``max_rank`` instead of 1..r-1.
 
     Args:
         spectra: one ``truncated_svd`` result per module.
@@ -473,11 +508,15 @@ def select_ranks(
         energy: the fraction F of ‖delta‖_F² to keep (``energy``).
         param_budget: total LoRA parameters N over all modules (``budget``).
         max_rank: None: no limit beyond the shapes and spectra.
+        sv_ratio: the ratio R >= 1 (``sv_ratio``); sv_cumulative: the fraction F in (0, 1]
+            (``sv_cumulative``).
 
     Raises:
         OptionError: an unknown method; rank or min_rank < 1; min_rank > max_rank; energy
             missing or outside (0, 1]; param_budget missing or negative, or below what the
-            minimum ranks need; spectra and shapes that differ in number or size.
+            minimum ranks need; sv_ratio or sv_cumulative missing or out of range, or a
+            spectrum without its nuclear norm for sv_cumulative; spectra and shapes that
+            differ in number or size.
     """
     method = _choice(RankMethod, method, "rank method")
     _check_rank_options(rank, energy, param_budget, min_rank, max_rank)
@@ -494,6 +533,16 @@ def select_ranks(
         if energy is None:
             raise OptionError("the energy rank method needs energy, a fraction in (0, 1]")
         wanted = [_energy_rank(svd, energy) for svd in spectra]
+    elif method is RankMethod.SV_RATIO:
+        if sv_ratio is None or not sv_ratio >= 1:
+            raise OptionError(f"the sv_ratio rank method needs sv_ratio >= 1, not {sv_ratio}")
+        wanted = [_ratio_rank(svd, sv_ratio) for svd in spectra]
+    elif method is RankMethod.SV_CUMULATIVE:
+        if sv_cumulative is None or not 0 < sv_cumulative <= 1:
+            raise OptionError(
+                f"the sv_cumulative rank method needs sv_cumulative in (0, 1], not {sv_cumulative}"
+            )
+        wanted = [_cumulative_rank(svd, sv_cumulative) for svd in spectra]
     else:
         wanted = [rank] * len(spectra)
     return [min(max(r, low), high) for r, (low, high) in zip(wanted, bounds, strict=True)]

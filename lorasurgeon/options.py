@@ -44,8 +44,10 @@ class RankMethod(str, Enum):
     """How the rank of each module is chosen (extract, resize)."""
 
     FIXED = "fixed"
-    ENERGY = "energy"
+    ENERGY = "energy"  # kohya's sv_fro P is energy P² (P: the Frobenius norm's fraction)
     BUDGET = "budget"
+    SV_RATIO = "sv_ratio"  # kohya's: keep the singular values >= the largest / ratio
+    SV_CUMULATIVE = "sv_cumulative"  # kohya's: keep fraction F of the singular values' sum
 
 
 class MajoritySign(str, Enum):
@@ -116,8 +118,11 @@ class RankPolicy:
     - ``energy``: the smallest rank keeping fraction ``energy`` of each delta's squared norm.
     - ``budget``: ``param_budget`` LoRA parameters in total, spent where they remove the most
       squared error.
-    ``energy`` and ``budget`` take ranks within ``min_rank``..``max_rank``; ``rank`` does not
-    apply to them.
+    - ``sv_ratio``: the singular values at least the largest / ``sv_ratio`` (kohya's sv_ratio).
+    - ``sv_cumulative``: the smallest rank whose singular values sum to fraction
+      ``sv_cumulative`` of them all (kohya's sv_cumulative).
+    All but ``fixed`` take ranks within ``min_rank``..``max_rank``; ``rank`` does not apply
+    to them. kohya's sv_fro P is ``energy`` P².
 
     Raises:
         OptionError: from ``__post_init__``, an unknown method, a missing or out-of-range
@@ -130,10 +135,14 @@ class RankPolicy:
     param_budget: int | None = None
     min_rank: int = 1
     max_rank: int | None = None
+    sv_ratio: float | None = None
+    sv_cumulative: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", choice(RankMethod, self.method, "rank method"))
         check_finite("--energy", self.energy)
+        check_finite("--sv-ratio", self.sv_ratio)
+        check_finite("--sv-cumulative", self.sv_cumulative)
         if (
             (self.rank is not None and self.rank < 1)
             or self.min_rank < 1
@@ -144,7 +153,24 @@ class RankPolicy:
             raise OptionError(f"--energy must be in (0, 1], not {self.energy}")
         if self.param_budget is not None and self.param_budget < 1:
             raise OptionError(f"--param-budget must be >= 1, not {self.param_budget}")
+        if self.sv_ratio is not None and self.sv_ratio < 1:
+            raise OptionError(f"--sv-ratio must be >= 1, not {self.sv_ratio}")
+        if self.sv_cumulative is not None and not 0 < self.sv_cumulative <= 1:
+            raise OptionError(f"--sv-cumulative must be in (0, 1], not {self.sv_cumulative}")
         self._check_applies()
+        self._check_kohya()
+
+    def _check_kohya(self) -> None:
+        for value, method, option, needs in (
+            (self.sv_ratio, RankMethod.SV_RATIO, "--sv-ratio", "R >= 1"),
+            (self.sv_cumulative, RankMethod.SV_CUMULATIVE, "--sv-cumulative", "0 < F <= 1"),
+        ):
+            if self.method is method and value is None:
+                raise OptionError(f"--rank-method {method.value} needs {option} with {needs}")
+            if value is not None and self.method is not method:
+                raise OptionError(
+                    f"{option} applies to --rank-method {method.value}, not {self.method.value}"
+                )
 
     def _check_applies(self) -> None:
         method = self.method
@@ -159,7 +185,7 @@ class RankPolicy:
         if method is RankMethod.FIXED:
             if self.min_rank != 1 or self.max_rank is not None:
                 raise OptionError(
-                    "--min-rank and --max-rank bound the ranks energy and budget choose",
+                    "--min-rank and --max-rank bound the ranks the methods other than fixed choose",
                     hint="with --rank-method fixed, --rank R is every module's rank",
                 )
         elif self.rank is not None:

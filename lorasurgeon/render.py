@@ -6,13 +6,22 @@ here prints, reads a file or touches a tensor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from . import CombineReport, ExtractReport, MergePlan, MergeReport, ResizeReport, Summary
+    from . import (
+        CombineReport,
+        ConvertReport,
+        ExtractReport,
+        MergePlan,
+        MergeReport,
+        ResizeReport,
+        Summary,
+    )
     from .batch import Job, JobResult
     from .diff import DiffReport, Spectrum, TensorDiff
+    from .summary import DiffusionSummary
     from .verify import VerifyReport
 
 __all__ = [
@@ -20,8 +29,10 @@ __all__ = [
     "batch_plan_lines",
     "batch_table",
     "combine_lines",
+    "convert_lines",
     "count",
     "diff_lines",
+    "diffusion_lines",
     "extract_lines",
     "merge_lines",
     "merge_plan_lines",
@@ -131,6 +142,15 @@ def resize_lines(report: ResizeReport) -> list[str]:
     ]
 
 
+def convert_lines(report: ConvertReport) -> list[str]:
+    parts = ", ".join(f"{name} {n}" for name, n in report.converted.items())
+    return [
+        f"wrote {report.out}: {report.total} modules converted from {report.source_format} to "
+        f"{report.format} ({parts}), {report.alphas} with their own alpha, family "
+        f"{report.family}, {report.seconds:.1f} s"
+    ]
+
+
 def batch_line(done: int, total: int, result: JobResult) -> str:
     """One finished job, as the batch reports it when it finishes."""
     detail = result.error or result.figure
@@ -194,6 +214,8 @@ def summary_lines(s: Summary) -> list[str]:
     ]  # fmt: skip
     if s.model_type:
         lines.append(f"model_type: {s.model_type}")
+    if s.diffusion is not None:
+        lines += diffusion_lines(s.diffusion, s.metadata or {})
     lines += provenance_lines(s.provenance)
     if s.kind != "adapter":
         return lines
@@ -212,6 +234,47 @@ def summary_lines(s: Summary) -> list[str]:
     if s.ignored_modules:
         lines.append(f"ignored (not selected by the config): {', '.join(s.ignored_modules)}")
     return lines + _client_lines(s)
+
+
+#: The training metadata ``inspect`` shows of a kohya LoRA (the rest is counted).
+_SHOWN_METADATA = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
+                   "ss_base_model_version", "ss_sd_model_name", "ss_resolution",
+                   "ss_clip_skip", "ss_mixed_precision", "modelspec.architecture",
+                   "modelspec.title")  # fmt: skip
+
+
+def _number(value: float | None) -> str:
+    return "none" if value is None else f"{value:g}"
+
+
+def diffusion_lines(d: DiffusionSummary, metadata: Mapping[str, str]) -> list[str]:
+    """A diffusion LoRA's format, family, components and modules grouped by component, kind,
+    rank and alpha, plus its training metadata in brief; a checkpoint's layout and family."""
+    components = ", ".join(f"{c} {n}" for c, n in d.components.items())
+    if d.format is None:
+        lines = [f"layout:     {d.layout}, family {d.family}"
+                 + (", inpainting" if d.inpainting else ""),
+                 f"components: {components} (modules a LoRA may target)"]  # fmt: skip
+        return lines + ([f"folders:    {', '.join(d.parts)}"] if d.parts else [])
+    lines = [
+        f"lora:       {d.format}, family {d.family}",
+        f"components: {components}",
+        "  component  kind          rank  alpha  modules",
+    ]
+    for g in sorted(d.groups, key=lambda g: (g.component, g.kind, g.rank or 0, g.alpha or 0)):
+        lines.append(f"  {g.component:<9}  {g.kind:<12}  {g.rank if g.rank is not None else '-':>4}"
+                     f"  {_number(g.alpha):>5}  {g.modules:>7}")  # fmt: skip
+    dora = sum(m.dora for m in d.modules)
+    if dora:
+        lines.append(f"  DoRA (dora_scale): {dora} modules")
+    shown = [k for k in _SHOWN_METADATA if k in metadata]
+    for key in shown:
+        value = metadata[key]
+        lines.append(f"  {key}: {value if len(value) <= 60 else value[:57] + '...'}")
+    others = [k for k in metadata if k.startswith(("ss_", "modelspec.")) and k not in shown]
+    if others:
+        lines.append(f"  ... {len(others)} more ss_*/modelspec.* keys (--json shows them)")
+    return lines
 
 
 def _client_lines(s: Summary) -> list[str]:

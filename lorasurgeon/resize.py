@@ -30,10 +30,11 @@ from .adapters import (
     open_adapter,
     report_dict,
 )
+from .diffusion import is_lora_file
 from .dtypes import DType
 from .engine import Computed
-from .errors import AdapterError
-from .locations import Role, resolve
+from .errors import AdapterError, OptionError
+from .locations import Location, Role, resolve
 from .options import RankMethod, RankPolicy, choice
 from .reader import TensorFiles, check_finite_inputs
 from .writer import OutputTensor
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     import torch
 
     from .lowrank import TruncatedSVD
+    from .provenance import Provenance
 
 __all__ = ["KEEP", "ResizeReport", "resize"]
 
@@ -177,7 +179,7 @@ def _ranks(
     return lowrank.select_ranks(
         spectra, [_shape(m) for m in modules], method=policy.method, rank=policy.rank or 1,
         energy=policy.energy, param_budget=policy.param_budget, min_rank=policy.min_rank,
-        max_rank=policy.max_rank,
+        max_rank=policy.max_rank, sv_ratio=policy.sv_ratio, sv_cumulative=policy.sv_cumulative,
     )  # fmt: skip
 
 
@@ -191,8 +193,12 @@ def resize(
     param_budget: int | None = None,
     min_rank: int = 1,
     max_rank: int | None = None,
+    sv_ratio: float | None = None,
+    sv_cumulative: float | None = None,
     uniform_rank: bool = False,
     dtype: str = "auto",
+    output_format: str | None = None,
+    keep_lycoris: bool = False,
     device: str = "auto",
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
@@ -201,8 +207,11 @@ def resize(
     delta ``scaling · B @ A`` at its rank (the exact truncated SVD of the product).
 
     Ranks as in ``extract``: ``fixed`` (``rank``), ``energy`` (the smallest rank keeping
-    fraction ``energy`` of each delta's squared norm) or ``budget`` (``param_budget`` LoRA
-    parameters in total, spent where they remove the most squared error), within
+    fraction ``energy`` of each delta's squared norm; kohya's sv_fro P is energy P²),
+    ``budget`` (``param_budget`` LoRA parameters in total, spent where they remove the most
+    squared error), or kohya's ``sv_ratio`` (singular values >= the largest / ``sv_ratio``)
+    and ``sv_cumulative`` (the smallest rank whose singular values sum to fraction
+    ``sv_cumulative`` of them all), within
     ``min_rank``..``max_rank`` and never above a module's input rank (lossless there). With
     no rank option (``rank_method="fixed"``, ``rank=None``) every module keeps its own rank:
     the same update, losslessly rewritten for every client. Each module's update is kept: the
@@ -212,19 +221,36 @@ def resize(
     rank_pattern. Singular values are split evenly between A and B, whole tensors are copied
     unchanged. Nothing is at ``out`` unless it returns.
 
+    A diffusion LoRA file (kohya/LyCORIS LoRA and LoCon, Tucker included, or diffusers) is
+    resized the same way, module by module, and written in its own format or
+    ``output_format`` (``kohya``, ``diffusers``, ``peft``) through ``formats.write``: every
+    module under one alpha, the largest new rank, its scaling folded into its factors (spec
+    §3.3: diffusers misapplies differing alphas). LoHa, LoKr and full modules cannot be
+    resized: refused by name, or copied unchanged with ``keep_lycoris``; DoRA modules and
+    lora_B biases are refused. ``dtype`` auto: the input factors' dtype.
+
     Raises:
-        LocationError, AdapterError, OptionError, OutputError.
+        LocationError, AdapterError, OptionError, OutputError; IncompatibleError (LoRA files).
     """
     options = provenance.options_of(resize, locals())  # first: the arguments only
     from .ops import resolve_device
 
     started = time.monotonic()
-    policy = _policy(rank, rank_method, energy, param_budget, min_rank, max_rank)
+    policy = _policy(rank, rank_method, energy, param_budget, min_rank, max_rank, sv_ratio,
+                     sv_cumulative)  # fmt: skip
     code = DType.code_of(dtype)
     location = resolve(adapter, role=Role.ADAPTER)
     out_path = engine.check_output(out, [location.path], overwrite=overwrite)
     record = provenance.start("resize", options, [("adapter", location)])
     compute = resolve_device(device)
+    if is_lora_file(location.path):
+        return _resize_file(location, out_path, policy, output_format, keep_lycoris, code,
+                            compute, overwrite, record, uniform_rank, progress)  # fmt: skip
+    if output_format not in (None, "peft") or keep_lycoris:
+        raise OptionError(
+            "--format kohya|diffusers and --keep-lycoris apply to diffusion LoRA files; a PEFT "
+            "adapter is resized into a PEFT adapter", path=location.path,
+        )  # fmt: skip
     with open_adapter(location.path, file_targets=True) as opened, TensorFiles() as files:
         opened.require_plain_lora("resize")
         if not opened.modules:
@@ -253,17 +279,40 @@ def resize(
     )  # fmt: skip
 
 
+def _resize_file(
+    location: Location, out: Path, policy: RankPolicy | None, output_format: str | None,
+    keep_lycoris: bool, dtype: str | None, device: torch.device, overwrite: bool,
+    record: Provenance, uniform_rank: bool, progress: ProgressCallback | None,
+) -> ResizeReport:  # fmt: skip
+    """``resize`` of a diffusion LoRA file (``sdlora.resize_file``)."""
+    from .sdlora import resize_file
+
+    if uniform_rank:
+        raise OptionError(
+            "--uniform-rank applies to PEFT adapters: kohya and diffusers files store each "
+            "module's rank in its tensors", path=location.path,
+        )  # fmt: skip
+    report = resize_file(
+        location, out, policy=policy, fmt=output_format, keep_lycoris=keep_lycoris, dtype=dtype,
+        device=device, overwrite=overwrite, record=record, progress=progress,
+    )  # fmt: skip
+    for note in report.notes:
+        logger.warning(note)
+    return report
+
+
 def _policy(
     rank: int | None, rank_method: str, energy: float | None, param_budget: int | None,
-    min_rank: int, max_rank: int | None,
+    min_rank: int, max_rank: int | None, sv_ratio: float | None = None,
+    sv_cumulative: float | None = None,
 ) -> RankPolicy | None:  # fmt: skip
     """The rank policy, None (``keep``: every module's own rank) when no rank option is given.
 
     Raises:
         OptionError: as ``RankPolicy``.
     """
-    given = (rank, energy, param_budget, max_rank)
+    given = (rank, energy, param_budget, max_rank, sv_ratio, sv_cumulative)
     if rank_method == "fixed" and all(v is None for v in given) and min_rank == 1:
         return None
     return RankPolicy(choice(RankMethod, rank_method, "rank method"), rank, energy,
-                      param_budget, min_rank, max_rank)  # fmt: skip
+                      param_budget, min_rank, max_rank, sv_ratio, sv_cumulative)  # fmt: skip

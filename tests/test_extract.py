@@ -140,6 +140,40 @@ def test_energy_ranks_keep_the_fraction_and_are_minimal(
             assert float(kept[m.rank - 2]) < 0.9, m.module
 
 
+@pytest.mark.parametrize(
+    ("method", "kwargs"),
+    [("sv_ratio", {"sv_ratio": 4.0}), ("sv_cumulative", {"sv_cumulative": 0.6})],
+)
+def test_kohya_dynamic_ranks_follow_their_definition(
+    llama_fp32: TinyBase, noisy: Path, tmp_path: Path, method: str, kwargs: dict[str, float]
+) -> None:
+    report = lorasurgeon.extract(
+        llama_fp32.path, noisy, tmp_path / "l", rank_method=method, svd="exact", max_rank=16,
+        **kwargs,  # type: ignore[arg-type]
+    )  # fmt: skip
+    deltas = _deltas(llama_fp32.path, noisy)
+    for m in report.modules:
+        s = torch.linalg.svdvals(deltas[m.module + ".weight"])
+        if method == "sv_ratio":
+            wanted = int((s >= s[0] / kwargs["sv_ratio"]).sum())
+        else:  # the sum of every singular value, not only of the 16 the rank may reach
+            wanted = int((s.cumsum(0) < kwargs["sv_cumulative"] * s.sum()).sum()) + 1
+        assert m.rank == min(wanted, 16), m.module
+
+
+def test_sv_cumulative_needs_the_exact_svd(
+    llama_fp32: TinyBase, noisy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["extract", str(llama_fp32.path), str(noisy), "-o", str(tmp_path / "l"),
+            "--rank-method", "sv_cumulative", "--sv-cumulative", "0.6"]  # fmt: skip
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "--svd exact" in err and "Traceback" not in err
+    assert not (tmp_path / "l").exists()
+
+
 def test_budget_ranks_stay_within_the_budget(
     llama_fp32: TinyBase, noisy: Path, tmp_path: Path
 ) -> None:

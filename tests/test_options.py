@@ -112,7 +112,15 @@ def test_extract_layers_to_transform_refused_with_a_regex_target() -> None:
         ({"method": "fixed", "energy": 0.5}, "--energy applies"),
         ({"method": "fixed", "max_rank": 3}, "--max-rank"),
         ({"method": "energy", "energy": 0.5, "rank": 3}, "--rank is"),
-        ({"method": "middle"}, "one of fixed, energy, budget"),
+        ({"method": "middle"}, "one of fixed, energy, budget, sv_ratio, sv_cumulative"),
+        ({"method": "sv_ratio"}, "needs --sv-ratio"),
+        ({"method": "sv_ratio", "sv_ratio": 0.5}, ">= 1"),
+        ({"method": "sv_ratio", "sv_ratio": math.inf}, "finite"),
+        ({"method": "sv_cumulative"}, "needs --sv-cumulative"),
+        ({"method": "sv_cumulative", "sv_cumulative": 0.0}, r"\(0, 1\]"),
+        ({"method": "energy", "energy": 0.5, "sv_ratio": 2.0}, "--sv-ratio applies"),
+        ({"method": "sv_ratio", "sv_ratio": 2.0, "sv_cumulative": 0.5}, "--sv-cumulative app"),
+        ({"method": "sv_ratio", "sv_ratio": 2.0, "rank": 3}, "--rank is"),
     ],
 )
 def test_rank_policy_refuses_what_cannot_apply(kwargs: dict[str, object], words: str) -> None:

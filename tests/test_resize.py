@@ -82,6 +82,27 @@ def test_energy_ranks_keep_the_fraction_and_are_minimal(rank8: Path, tmp_path: P
             break
 
 
+@pytest.mark.parametrize(
+    ("method", "kwargs"),
+    [("sv_ratio", {"sv_ratio": 3.0}), ("sv_cumulative", {"sv_cumulative": 0.7})],
+)
+def test_kohya_dynamic_ranks_follow_their_definition_on_each_update(
+    llama_fp32: TinyBase, rank8: Path, tmp_path: Path, method: str, kwargs: dict[str, float]
+) -> None:
+    report = lorasurgeon.resize(rank8, tmp_path / "out", rank_method=method, max_rank=6,
+                                **kwargs)  # type: ignore[arg-type]  # fmt: skip
+    source = loaded_by_peft(llama_fp32, rank8)
+    reported = {m.module: m.rank for m in report.modules}
+    for module, factors in source.items():
+        s = torch.linalg.svdvals(effective(factors).double())
+        if method == "sv_ratio":
+            wanted = int((s >= s[0] / kwargs["sv_ratio"]).sum())
+        else:
+            wanted = int((s.cumsum(0) < kwargs["sv_cumulative"] * s.sum()).sum()) + 1
+        assert reported[module] == min(max(wanted, 1), 6), module
+    assert len(set(reported.values())) > 1  # the spectra differ, and so do the ranks
+
+
 def test_budget_ranks_stay_within_the_budget(rank8: Path, tmp_path: Path) -> None:
     report = lorasurgeon.resize(rank8, tmp_path / "out", rank_method="budget", param_budget=4000)
     assert report.total_params <= 4000 < report.input_params

@@ -600,3 +600,118 @@ def test_singular_vector_signs_are_canonical() -> None:
         u = svd.u.double()
         peaks = u[u.abs().argmax(dim=0), torch.arange(u.shape[1])]
         assert bool((peaks > 0).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# kohya's dynamic rank methods (resize_lora.py): sv_ratio, sv_cumulative; sv_fro is energy P²
+
+
+def ratio_reference(sigma: np.ndarray, ratio: float) -> int:
+    """The definition, in numpy: how many singular values are >= the largest / ratio (> 0)."""
+    return int(np.sum((sigma >= sigma[0] / ratio) & (sigma > 0))) if sigma[0] > 0 else 0
+
+
+def cumulative_reference(sigma: np.ndarray, fraction: float) -> int:
+    """The definition, in numpy: the smallest r with Σ_{i<r} σ_i >= fraction · Σ σ_i."""
+    sums = np.cumsum(sigma)
+    return int(np.argmax(sums >= fraction * sums[-1])) + 1 if sums[-1] > 0 else 0
+
+
+def fro_reference(sigma: np.ndarray, fraction: float) -> int:
+    """kohya's sv_fro, in numpy: the smallest r with sqrt(Σ_{i<r} σ_i² / Σ σ_i²) >= fraction."""
+    shares = np.sqrt(np.cumsum(sigma**2) / np.sum(sigma**2))
+    return int(np.argmax(shares >= fraction)) + 1
+
+
+# Planted spectra with gaps well above float32 rounding, so that no threshold ties.
+PLANTED = [
+    [10.0, 6.0, 3.5, 1.9, 0.8, 0.31, 0.12, 0.05],
+    [5.0, 4.6, 4.1, 0.7, 0.69, 0.2],
+    [1.0, 0.45, 0.21, 0.098, 0.044, 0.019, 0.0085, 0.0037, 0.0016, 0.0007],
+]
+
+
+@pytest.mark.parametrize("values", PLANTED)
+@pytest.mark.parametrize("ratio", [1.5, 2.7, 9.0, 33.0, 1000.0])
+@pytest.mark.parametrize("via", ["exact", "product"])
+def test_sv_ratio_keeps_the_singular_values_above_the_largest_over_ratio(
+    values: list[float], ratio: float, via: str
+) -> None:
+    a = planted(18, 14, torch.tensor(values), seed=len(values))
+    if via == "exact":
+        svd = truncated_svd(a, min(a.shape), method=SvdMethod.EXACT)
+    else:  # as factors: a = (a Q) Qᵀ
+        q = orthonormal(14, 14, torch.Generator().manual_seed(1))
+        svd = lowrank.product_svd(a.double() @ q, q.T)
+    sigma = np.linalg.svd(a.double().numpy(), compute_uv=False)
+    expected = ratio_reference(sigma, ratio)
+    assert expected == sum(1 for v in values if v >= values[0] / ratio)  # no tie near the floor
+    got = select_ranks([svd], [tuple(a.shape)], method=RankMethod.SV_RATIO, sv_ratio=ratio)
+    assert got == [max(expected, 1)]
+
+
+@pytest.mark.parametrize("values", PLANTED)
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.77, 0.9, 0.99])
+@pytest.mark.parametrize("via", ["exact", "product"])
+def test_sv_cumulative_is_the_smallest_rank_reaching_the_fraction_of_the_sum(
+    values: list[float], fraction: float, via: str
+) -> None:
+    m, n = 20, 16
+    a = planted(m, n, torch.tensor(values), seed=7)
+    if via == "exact":
+        svd = truncated_svd(a, min(a.shape), method=SvdMethod.EXACT)
+    else:
+        q = orthonormal(n, n, torch.Generator().manual_seed(1))
+        svd = lowrank.product_svd(a.double() @ q, q.T)  # a = (a Q) Qᵀ, as factors
+    expected = cumulative_reference(np.array(values), fraction)
+    measured = np.linalg.svd(a.double().numpy(), compute_uv=False)
+    assert cumulative_reference(measured, fraction) == expected  # no tie near the threshold
+    got = select_ranks([svd], [(m, n)], method=RankMethod.SV_CUMULATIVE, sv_cumulative=fraction)
+    assert got == [expected]
+
+
+@pytest.mark.parametrize("values", PLANTED)
+@pytest.mark.parametrize("fraction", [0.5, 0.8, 0.95, 0.999])
+def test_kohya_sv_fro_is_energy_squared(values: list[float], fraction: float) -> None:
+    a = planted(16, 12, torch.tensor(values), seed=3)
+    svd = truncated_svd(a, min(a.shape), method=SvdMethod.EXACT)
+    sigma = np.linalg.svd(a.double().numpy(), compute_uv=False)
+    got = select_ranks([svd], [(16, 12)], method=RankMethod.ENERGY, energy=fraction**2)
+    assert got == [fro_reference(sigma, fraction)]
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "min_rank", "max_rank", "expected"),
+    [
+        (RankMethod.SV_RATIO, {"sv_ratio": 9.0}, 1, None, 4),  # 10, 6, 3.5, 1.9 >= 10/9
+        (RankMethod.SV_RATIO, {"sv_ratio": 9.0}, 1, 2, 2),  # max_rank
+        (RankMethod.SV_RATIO, {"sv_ratio": 9.0}, 6, None, 6),  # min_rank
+        (RankMethod.SV_RATIO, {"sv_ratio": 1e6}, 1, None, 8),  # no more than it holds
+        (RankMethod.SV_CUMULATIVE, {"sv_cumulative": 0.5}, 1, None, 2),  # 16 of 22.68
+        (RankMethod.SV_CUMULATIVE, {"sv_cumulative": 0.5}, 1, 1, 1),
+        (RankMethod.SV_CUMULATIVE, {"sv_cumulative": 0.5}, 5, 7, 5),
+    ],
+)
+def test_kohya_methods_are_clamped_to_min_and_max_rank(
+    method: RankMethod, kwargs: dict[str, float], min_rank: int, max_rank: int | None,
+    expected: int,
+) -> None:  # fmt: skip
+    svd = spectrum((32, 32), PLANTED[0])
+    svd = replace(svd, nuclear=float(sum(PLANTED[0])))
+    got = select_ranks([svd], [(32, 32)], method=method, min_rank=min_rank, max_rank=max_rank,
+                       **kwargs)  # fmt: skip
+    assert got == [expected]
+
+
+def test_sv_cumulative_refuses_a_spectrum_without_its_sum() -> None:
+    svd = truncated_svd(planted(12, 10, torch.tensor(PLANTED[0]), 0), 3, method=SvdMethod.EXACT)
+    assert svd.nuclear is None  # 3 of 10 triplets: the sum of the others is unknown
+    with pytest.raises(OptionError, match="every singular value"):
+        select_ranks([svd], [(12, 10)], method=RankMethod.SV_CUMULATIVE, sv_cumulative=0.5)
+
+
+def test_a_zero_update_takes_the_minimum_rank_under_the_kohya_methods() -> None:
+    svd = truncated_svd(torch.zeros(6, 5), 5, method=SvdMethod.EXACT)
+    for method, kwargs in ((RankMethod.SV_RATIO, {"sv_ratio": 4.0}),
+                           (RankMethod.SV_CUMULATIVE, {"sv_cumulative": 0.9})):  # fmt: skip
+        assert select_ranks([svd], [(6, 5)], method=method, min_rank=2, **kwargs) == [2]

@@ -144,7 +144,8 @@ def read_lora(path: str | os.PathLike[str]) -> LoraFile:
         fmt = detect_format(p, list(tensors))
 
         def scalar(info: TensorInfo) -> float:
-            return float(checkpoint.load(info).float().reshape(()).item())
+            # float64: an alpha stored in F64 (exactly as written) keeps its value
+            return float(checkpoint.load(info).double().reshape(()).item())
 
         if fmt is LoraFormat.KOHYA:
             updates = read_kohya_modules(p, tensors, scalar)
