@@ -6,10 +6,11 @@ API (``plan_lora`` then ``engine.run``; nothing is written here):
 - ``OutModule(component, module, kind, factors, alpha, rank)``: one module. ``module`` is its
   path in the spelling the output should carry, dotted (kohya output mangles it) or already
   mangled for kohya: ``layouts.spelling.Spellings.of(layout)`` gives ``.kohya(component, key)``
-  (sd-scripts' spelling for the base's family) and ``.diffusers(component, key)``; ``factors`` maps canonical part names (``down``,
-  ``up``, ``mid``, ``up_bias``, LyCORIS ``w1a``… as in ``ModuleUpdate``) to ``Factor``s: copied
-  unchanged from an input tensor (``Factor.copy_of``) or computed by the caller
-  (``Factor(dtype, shape)``). ``alpha`` None means α = r (scaling 1).
+  (sd-scripts' spelling for the base's family) and ``.diffusers(component, key)``.
+  ``factors`` maps canonical part names (``down``, ``up``, ``mid``, ``up_bias``, LyCORIS
+  ``w1a``… as in ``ModuleUpdate``) to ``Factor``s: copied unchanged from an input tensor
+  (``Factor.copy_of``) or computed by the caller (``Factor(dtype, shape)``). ``alpha`` None
+  means α = r (scaling 1).
 - ``plan_lora(out, modules, fmt, family=...) -> LoraPlan``: refuses what ``fmt`` cannot hold.
   ``plan.name(i, part)`` is the tensor name the caller yields the computed ``part`` of
   ``modules[i]`` under; ``plan.stream(produce)`` adds the writer's own tensors (kohya alphas)
