@@ -213,7 +213,11 @@ def test_bad_conversions_exit_with_one_error_line_and_write_nothing(
         ([loha, "--to", "diffusers", "--base", base], 1, [loha_module, "loha", "--to kohya"]),
         ([loha, "--to", "peft"], 1, [loha_module, "loha"]),
         ([kohya, "--to", "diffusers"], 2, ["k.safetensors", "pass --base"]),
-        ([kohya, "--to", "peft", "--base", base], 2, ["components", "--to diffusers"]),
+        (
+            [kohya, "--to", "peft", "--base", base],
+            2,
+            ["k.safetensors", "components", "--to diffusers"],
+        ),
     ]
     for args, code, words in cases:
         got, err = _run(capsys, "convert", args[0], "-o", out, *args[1:])

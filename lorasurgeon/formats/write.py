@@ -394,12 +394,13 @@ def _peft_config(modules: Sequence[OutModule]) -> dict[str, Any]:
     return config
 
 
-def _check_components(modules: Sequence[OutModule], fmt: OutputFormat) -> None:
+def _check_components(modules: Sequence[OutModule], fmt: OutputFormat, source: Path | None) -> None:
     components = sorted({m.component.value for m in modules})
     if fmt is OutputFormat.PEFT and len(components) > 1:
         raise OptionError(
             f"a PEFT adapter holds the modules of one model, this LoRA has {len(components)} "
             f"components ({', '.join(components)})",
+            path=source,
             hint="write it as diffusers (--format diffusers; convert: --to diffusers), one file "
             "with a section per component",
         )
@@ -413,7 +414,7 @@ def check_modules(modules: Sequence[OutModule], fmt: OutputFormat, source: Path 
     """
     for m in modules:
         _check_module(m, fmt, source)
-    _check_components(modules, fmt)
+    _check_components(modules, fmt, source)
 
 
 def plan_lora(
