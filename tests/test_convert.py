@@ -28,7 +28,7 @@ from tests.test_merge_diffusion import _run, assert_merged, diffusers_fused_ldm
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, TinySD]:
-    return {family: tiny_sd(family) for family in ("sd1", "sdxl")}
+    return {family: tiny_sd(family) for family in ("sd1", "sd2", "sdxl")}
 
 
 def _varying_alphas(path: Path) -> Path:
@@ -63,13 +63,14 @@ def _assert_same_tensors(a: Path, b: Path) -> None:
             assert tensor.dtype == right[name].dtype and torch.equal(tensor, right[name]), name
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 @pytest.mark.parametrize("layout", ["ldm", "diffusers"])
 def test_kohya_to_diffusers_to_kohya_is_exact(
     models: dict[str, TinySD], tmp_path: Path, family: str, layout: str
 ) -> None:
     """Per-module alphas (and one module without alpha) survive as alpha_pattern; the names
-    come back as sd-scripts writes them (SDXL: LDM names) from either base layout."""
+    come back as sd-scripts writes them (SDXL: LDM names) from either base layout (SD2's LDM
+    file: OpenCLIP, q/k/v as row slices of in_proj)."""
     model = models[family]
     lora = _varying_alphas(write_kohya(tmp_path / "k.safetensors", sd_kohya_modules(model)))
     base = (save_ldm(model, tmp_path / "base.safetensors") if layout == "ldm"
@@ -151,7 +152,7 @@ def test_diffusers_to_kohya_to_diffusers_is_exact(
     assert _scalings(back) == _scalings(lora)
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_converted_diffusers_file_fuses_in_diffusers_like_our_merge_of_the_original(
     models: dict[str, TinySD], tmp_path: Path, family: str
 ) -> None:
@@ -212,7 +213,11 @@ def test_bad_conversions_exit_with_one_error_line_and_write_nothing(
         ([loha, "--to", "diffusers", "--base", base], 1, [loha_module, "loha", "--to kohya"]),
         ([loha, "--to", "peft"], 1, [loha_module, "loha"]),
         ([kohya, "--to", "diffusers"], 2, ["k.safetensors", "pass --base"]),
-        ([kohya, "--to", "peft", "--base", base], 2, ["components", "--to diffusers"]),
+        (
+            [kohya, "--to", "peft", "--base", base],
+            2,
+            ["k.safetensors", "components", "--to diffusers"],
+        ),
     ]
     for args, code, words in cases:
         got, err = _run(capsys, "convert", args[0], "-o", out, *args[1:])

@@ -6,11 +6,11 @@ API (``plan_lora`` then ``engine.run``; nothing is written here):
 - ``OutModule(component, module, kind, factors, alpha, rank)``: one module. ``module`` is its
   path in the spelling the output should carry, dotted (kohya output mangles it) or already
   mangled for kohya: ``layouts.spelling.Spellings.of(layout)`` gives ``.kohya(component, key)``
-  (sd-scripts' spelling for the base's family) and ``.diffusers(component, key)``;
-  ``factors`` maps canonical part names (``down``,
-  ``up``, ``mid``, ``up_bias``, LyCORIS ``w1a``… as in ``ModuleUpdate``) to ``Factor``s: copied
-  unchanged from an input tensor (``Factor.copy_of``) or computed by the caller
-  (``Factor(dtype, shape)``). ``alpha`` None means α = r (scaling 1).
+  (sd-scripts' spelling for the base's family) and ``.diffusers(component, key)``.
+  ``factors`` maps canonical part names (``down``, ``up``, ``mid``, ``up_bias``, LyCORIS
+  ``w1a``… as in ``ModuleUpdate``) to ``Factor``s: copied unchanged from an input tensor
+  (``Factor.copy_of``) or computed by the caller (``Factor(dtype, shape)``). ``alpha`` None
+  means α = r (scaling 1).
 - ``plan_lora(out, modules, fmt, family=...) -> LoraPlan``: refuses what ``fmt`` cannot hold.
   ``plan.name(i, part)`` is the tensor name the caller yields the computed ``part`` of
   ``modules[i]`` under; ``plan.stream(produce)`` adds the writer's own tensors (kohya alphas)
@@ -394,12 +394,13 @@ def _peft_config(modules: Sequence[OutModule]) -> dict[str, Any]:
     return config
 
 
-def _check_components(modules: Sequence[OutModule], fmt: OutputFormat) -> None:
+def _check_components(modules: Sequence[OutModule], fmt: OutputFormat, source: Path | None) -> None:
     components = sorted({m.component.value for m in modules})
     if fmt is OutputFormat.PEFT and len(components) > 1:
         raise OptionError(
             f"a PEFT adapter holds the modules of one model, this LoRA has {len(components)} "
             f"components ({', '.join(components)})",
+            path=source,
             hint="write it as diffusers (--format diffusers; convert: --to diffusers), one file "
             "with a section per component",
         )
@@ -413,7 +414,7 @@ def check_modules(modules: Sequence[OutModule], fmt: OutputFormat, source: Path 
     """
     for m in modules:
         _check_module(m, fmt, source)
-    _check_components(modules, fmt)
+    _check_components(modules, fmt, source)
 
 
 def plan_lora(
