@@ -36,7 +36,9 @@ __all__ = [
     "Spelling",
     "LoraModule",
     "TextEncoderCheck",
+    "DiffusionOutcome",
     "decompose_modules",
+    "extract_diffusion",
     "drop_unchanged_text",
     "lora_modules",
     "select_module_ranks",
@@ -212,7 +214,10 @@ def _check_same_layout(base: Layout, tuned: Layout) -> None:
         )
 
 
-def _piece_key(layout: Layout, piece: Piece) -> tuple[object, ...]:
+_Key = tuple[object, ...]
+
+
+def _piece_key(layout: Layout, piece: Piece) -> _Key:
     """A piece by its component and tensor, comparable between two checkpoints."""
     roles = {path: name for name, path in layout.checkpoints.items()}
     return (roles.get(piece.checkpoint), piece.tensor, piece.weight_rows, piece.delta_rows,
@@ -224,7 +229,7 @@ class _Side:
     """One checkpoint's selectable modules, keyed by their pieces' keys."""
 
     layout: Layout
-    modules: dict[tuple[object, ...], tuple[Component, str, tuple[str, ...], Target]]
+    modules: dict[tuple[_Key, ...], tuple[Component, str, tuple[str, ...], Target]]
 
 
 def _selectable(layout: Layout, spelling: Spelling, targets: Sequence[str] | None) -> _Side:
@@ -264,7 +269,7 @@ def _one_side_only(module: str, where: Path, other: Path, side: str) -> Incompat
 
 
 def _paired(
-    key: tuple[object, ...], base: _Side, tuned: _Side,
+    key: tuple[_Key, ...], base: _Side, tuned: _Side,
     infos: Mapping[Path, Mapping[str, TensorInfo]],
 ) -> DiffusionModule:  # fmt: skip
     component, name, names, target = base.modules[key]
@@ -285,7 +290,7 @@ def _paired(
 
 def _others(
     base: Layout, tuned: Layout, infos: Mapping[Path, Mapping[str, TensorInfo]],
-    covered: set[tuple[object, str]],
+    covered: set[tuple[str | None, str]],
 ) -> tuple[list[tuple[TensorInfo, TensorInfo]], int]:  # fmt: skip
     """Pairs of tensors not extracted (same component, name and shape), and how many tensors
     are in one checkpoint only or differ in shape."""
@@ -540,3 +545,88 @@ def lora_modules(
         reports.append(ModuleReport(m.name, list(m.matrix_shape), rank, stored_alpha, error,
                                     1 - error * error))  # fmt: skip
     return modules, reports
+
+
+@dataclass(frozen=True)
+class DiffusionOutcome:
+    """What ``extract_diffusion`` wrote: per-module reports, parameters, the modules equal in
+    both checkpoints, the text encoders left out as unchanged, and notes."""
+
+    modules: list[ModuleReport]
+    total_params: int
+    skipped_equal: int
+    unchanged_text: list[TextEncoderCheck]
+    notes: list[str]
+    energy: float  # Σ ||delta||_F² of the modules in the LoRA
+
+
+def _out_modules(modules: Sequence[LoraModule]) -> list[Any]:
+    from .dtypes import code_of
+    from .formats.model import Kind
+    from .formats.write import Factor, OutModule
+
+    return [
+        OutModule(m.component, m.name, Kind.LORA,
+                  {"down": Factor(code_of(m.down.dtype), tuple(m.down.shape)),
+                   "up": Factor(code_of(m.up.dtype), tuple(m.up.shape))},
+                  m.alpha, int(m.down.shape[0]))
+        for m in modules
+    ]  # fmt: skip
+
+
+def _notes(plan: DiffusionPlan, unpaired: int, unchanged: Sequence[TextEncoderCheck],
+           threshold: float) -> list[str]:  # fmt: skip
+    notes = [
+        f"text encoder {c.component.value} is left out as unchanged: max |tuned - base| "
+        f"{c.max_abs:.3g} <= {threshold:g} over its {c.modules} modules (--min-te-diff)"
+        for c in unchanged
+    ]
+    if unpaired:
+        notes.append(f"{unpaired} tensors outside the LoRA are in one checkpoint only")
+    return notes
+
+
+def extract_diffusion(
+    plan: DiffusionPlan, out: Path, *, fmt: str, policy: RankPolicy, conv_rank: int | None,
+    alpha: float | None, svd: SvdMethod, dtype: str | None, text_threshold: float,
+    device: Any, overwrite: bool, provenance: Any, progress: Any = None, unpaired: int = 0,
+) -> DiffusionOutcome:  # fmt: skip
+    """Decompose the plan's modules, choose ranks, and write the LoRA in ``fmt`` through the
+    shared writer (``formats.write``); nothing is at ``out`` unless this returns.
+
+    Raises:
+        IncompatibleError: every selected module is equal in both checkpoints; a delta that
+            is not finite. AdapterError, OptionError: from the writer (``--format peft`` with
+            several components).
+    """
+    import dataclasses
+
+    from . import engine
+    from .engine import Computed
+    from .formats.write import OutputFormat, plan_lora
+
+    found = list(decompose_modules(plan, policy, conv_rank, svd, device, progress))
+    results = [r for r in found if r is not None]
+    results, unchanged = drop_unchanged_text(results, text_threshold)
+    if not results:
+        raise IncompatibleError(
+            "the selected modules are equal in both checkpoints (text encoders within "
+            f"--min-te-diff {text_threshold:g}); nothing to extract",
+            path=plan.tuned.path, hint="is TUNED a fine-tune of BASE?",
+        )  # fmt: skip
+    ranks = select_module_ranks(results, policy, conv_rank)
+    modules, reports = lora_modules(results, ranks, alpha=alpha, dtype=dtype)
+    lora = plan_lora(out, _out_modules(modules), OutputFormat(fmt), family=plan.base.family)
+    output = dataclasses.replace(lora.output, provenance=provenance)
+
+    def produce(_: Any) -> Iterator[Computed]:
+        for i, m in enumerate(modules):
+            yield Computed(lora.name(i, "down"), m.down)
+            yield Computed(lora.name(i, "up"), m.up)
+
+    engine.run(output, lora.stream(produce), overwrite=overwrite)
+    params = sum(int(m.down.numel() + m.up.numel()) for m in modules)
+    skipped = sum(1 for r in found if r is None)
+    notes = _notes(plan, unpaired, unchanged, text_threshold)
+    energy = math.fsum(r.svd.total_energy for r in results)
+    return DiffusionOutcome(reports, params, skipped, unchanged, notes, energy)

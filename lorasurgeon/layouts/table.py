@@ -75,7 +75,9 @@ def build_targets(
             module = path.removesuffix(".weight")
             bias = tensors.get(prefix + module + ".bias")
             piece = Piece(checkpoint, name, info.shape, bias=bias.name if bias else None)
-            _enter(own, mangle(module), Target(Component.UNET, module, info.shape, (piece,), module))
+            _enter(
+                own, mangle(module), Target(Component.UNET, module, info.shape, (piece,), module)
+            )
     grouped: dict[str, list[tuple[Alias, TensorInfo]]] = {}
     for alias in aliases:
         native = by_module.get(alias.native + alias.suffix)
