@@ -574,18 +574,6 @@ def _out_modules(modules: Sequence[LoraModule]) -> list[Any]:
     ]  # fmt: skip
 
 
-def _notes(plan: DiffusionPlan, unpaired: int, unchanged: Sequence[TextEncoderCheck],
-           threshold: float) -> list[str]:  # fmt: skip
-    notes = [
-        f"text encoder {c.component.value} is left out as unchanged: max |tuned - base| "
-        f"{c.max_abs:.3g} <= {threshold:g} over its {c.modules} modules (--min-te-diff)"
-        for c in unchanged
-    ]
-    if unpaired:
-        notes.append(f"{unpaired} tensors outside the LoRA are in one checkpoint only")
-    return notes
-
-
 def extract_diffusion(
     plan: DiffusionPlan, out: Path, *, fmt: str, policy: RankPolicy, conv_rank: int | None,
     alpha: float | None, svd: SvdMethod, dtype: str | None, text_threshold: float,
@@ -627,6 +615,6 @@ def extract_diffusion(
     engine.run(output, lora.stream(produce), overwrite=overwrite)
     params = sum(int(m.down.numel() + m.up.numel()) for m in modules)
     skipped = sum(1 for r in found if r is None)
-    notes = _notes(plan, unpaired, unchanged, text_threshold)
+    notes = [f"{unpaired} tensors outside the LoRA are in one checkpoint only"] if unpaired else []
     energy = math.fsum(r.svd.total_energy for r in results)
     return DiffusionOutcome(reports, params, skipped, unchanged, notes, energy)
