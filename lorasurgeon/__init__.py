@@ -3,7 +3,8 @@
 The public API: ``merge`` and ``plan_merge`` fold PEFT LoRA adapters into a base checkpoint
 exactly as PEFT's ``merge_and_unload()`` does; ``extract`` pulls a LoRA adapter out of a
 fine-tune by truncated SVD; ``combine`` mixes adapters as PEFT's ``add_weighted_adapter`` does
-and ``resize`` changes their ranks, both from the adapter files alone; ``summarize`` describes
+and ``resize`` changes their ranks, both from the adapter files alone; ``convert`` rewrites a
+diffusion LoRA (kohya, diffusers) in another format, exactly; ``summarize`` describes
 a checkpoint or adapter; ``diff`` compares two checkpoints and ``verify`` checks a merged
 one; ``open_checkpoint`` reads a checkpoint by header. Importing this package does not import
 torch.
@@ -12,6 +13,7 @@ torch.
 from .adapters import ModuleReport
 from .batch import Job, JobResult, Manifest, is_done, read_manifest, shard_jobs
 from .combine import CombinePlan, CombineReport, combine, plan_combine
+from .convert import ConvertReport, convert
 from .diff import DiffReport, TensorDiff, diff
 from .dtypes import DType
 from .engine import handle_signals
@@ -27,6 +29,7 @@ from .errors import (
     OutputError,
 )
 from .extract import ExtractPlan, ExtractReport, extract, plan_extraction
+from .formats.write import OutputFormat
 from .merge import MergePlan, MergeReport, merge, plan_merge
 from .options import (
     CombineMethod,
@@ -54,6 +57,7 @@ __all__ = [
     "CombineOptions",
     "CombinePlan",
     "CombineReport",
+    "ConvertReport",
     "DType",
     "DiffReport",
     "ExtractPlan",
@@ -73,6 +77,7 @@ __all__ = [
     "MergeReport",
     "OptionError",
     "OutputError",
+    "OutputFormat",
     "RankMethod",
     "RankPolicy",
     "ResizeReport",
@@ -84,6 +89,7 @@ __all__ = [
     "__version__",
     "check_plot_path",
     "combine",
+    "convert",
     "diff",
     "extract",
     "handle_signals",

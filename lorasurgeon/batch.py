@@ -3,7 +3,8 @@
 ``read_manifest`` validates everything before anything runs; ``plan_batch`` says which jobs are
 done already (their output carries provenance matching the job); ``run_jobs`` runs the others
 on local worker processes (``runners``). No command logic here: a job is ``merge(...)``,
-``extract(...)``, ``combine(...)`` or ``resize(...)`` with the options the manifest spells.
+``extract(...)``, ``combine(...)``, ``resize(...)`` or ``convert(...)`` with the options the
+manifest spells.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Command(str, Enum):
     EXTRACT = "extract"
     COMBINE = "combine"
     RESIZE = "resize"
+    CONVERT = "convert"
 
 
 class Status(str, Enum):
@@ -139,15 +141,16 @@ OPTIONS: dict[Command, dict[str, tuple[str, Callable[[Any], Any]]]] = {
         "seed": ("seed", _INT),
     },
     Command.RESIZE: {**_COMMON, **_RANKS, "rank": ("rank", _INT)},
+    Command.CONVERT: {"to": ("to", _STR), "base": ("base", _STR)},
 }  # fmt: skip
 _REPORTS = frozenset({Command.EXTRACT, Command.COMBINE, Command.RESIZE})
 _ROLES: dict[Command, tuple[str, ...]] = {
     Command.MERGE: ("base", "adapter"), Command.EXTRACT: ("base", "tuned"),
-    Command.COMBINE: ("adapter",), Command.RESIZE: ("adapter",),
+    Command.COMBINE: ("adapter",), Command.RESIZE: ("adapter",), Command.CONVERT: ("adapter",),
 }  # fmt: skip
 _ARITY: dict[Command, tuple[int, int | None]] = {
     Command.MERGE: (2, None), Command.EXTRACT: (2, 2), Command.COMBINE: (1, None),
-    Command.RESIZE: (1, 1),
+    Command.RESIZE: (1, 1), Command.CONVERT: (1, 1),
 }  # fmt: skip
 
 
@@ -286,6 +289,8 @@ def _job(manifest: Path, index: int, entry: Any, defaults: Mapping[str, Any]) ->
     if unknown_defaults:
         raise ManifestError(f"defaults: unknown option {unknown_defaults[0]!r}", path=manifest)
     inputs = _inputs(manifest, entry.get("inputs"), command, fail)
+    if "base" in options:  # convert's --base is a location too
+        options["base"] = _location(manifest, options["base"], fail)
     output = entry.get("output")
     if not isinstance(output, str) or not output:
         raise fail("needs `output:` (the -o path)")
@@ -335,6 +340,12 @@ def _check_values(command: Command, options: Mapping[str, Any]) -> None:
             raise OptionError("give rank, or rank-method energy/budget")
     if command is Command.EXTRACT:
         choice(SvdMethod, options.get("svd", "randomized"), "svd")
+    if command is Command.CONVERT:
+        from .formats.write import OutputFormat
+
+        if "to" not in options:
+            raise OptionError("give to: peft, kohya or diffusers")
+        choice(OutputFormat, options["to"], "format")
     if command is Command.COMBINE:
         sign = options.get("majority_sign")
         CombineOptions(choice(CombineMethod, options.get("method", "linear"), "method"),
@@ -359,16 +370,17 @@ def _inputs(
     if len(items) < low or (high is not None and len(items) > high):
         count = str(low) if low == high else f"at least {low}"
         raise fail(f"{command.value} takes {count} inputs, {len(items)} given")
-    resolved = []
-    for text in items:
-        local = _relative(manifest, text)
-        if local.exists():
-            resolved.append(os.fspath(local))
-        elif _REPO_ID.match(text) and not text.startswith((".", "/", "~")):
-            resolved.append(text)
-        else:
-            raise fail(f"input {text!r} does not exist", hint="paths are relative to the manifest")
-    return tuple(resolved)
+    return tuple(_location(manifest, text, fail) for text in items)
+
+
+def _location(manifest: Path, text: str, fail: Callable[..., ManifestError]) -> str:
+    """A path made relative to the manifest's directory, or a Hub id."""
+    local = _relative(manifest, text)
+    if local.exists():
+        return os.fspath(local)
+    if _REPO_ID.match(text) and not text.startswith((".", "/", "~")):
+        return text
+    raise fail(f"input {text!r} does not exist", hint="paths are relative to the manifest")
 
 
 def _check_jobs(manifest: Path, jobs: Sequence[Job]) -> None:
@@ -409,17 +421,20 @@ def _locations(job: Job) -> list[tuple[str, Location]]:
     first, *others = _ROLES[job.command]
     roles = [first, *(others[-1] if others else first for _ in job.inputs[1:])]
     kind = {"base": Role.CHECKPOINT, "tuned": Role.CHECKPOINT, "adapter": Role.ADAPTER}
-    return [
+    located = [
         (role, resolve(text, role=kind[role])) for role, text in zip(roles, job.inputs, strict=True)
     ]
+    if job.command is Command.CONVERT and job.options.get("base") is not None:
+        located.append(("base", resolve(job.options["base"], role=Role.CHECKPOINT)))
+    return located
 
 
 def _api_function(command: Command) -> Callable[..., Any]:
-    from . import combine, extract, merge, resize
+    from . import combine, convert, extract, merge, resize
 
     functions: dict[Command, Callable[..., Any]] = {
         Command.MERGE: merge, Command.EXTRACT: extract, Command.COMBINE: combine,
-        Command.RESIZE: resize,
+        Command.RESIZE: resize, Command.CONVERT: convert,
     }  # fmt: skip
     return functions[command]
 
@@ -474,6 +489,8 @@ def figure_of_merit(report: Any) -> str:
     """A job's figure of merit, from its report: tensors changed, or the worst module error."""
     if hasattr(report, "changed"):
         return f"{report.changed} tensors changed"
+    if hasattr(report, "converted"):
+        return f"{report.total} modules converted"
     modules = getattr(report, "modules", None)
     if modules:
         return f"worst rel_error {max(m.rel_error for m in modules):.4f}"

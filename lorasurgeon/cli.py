@@ -222,7 +222,8 @@ def cli(_debug: bool) -> None:
 
     Fold LoRA adapters into safetensors checkpoints (`merge`; PEFT adapters, and kohya,
     LyCORIS and diffusers LoRAs into SD/SDXL/FLUX checkpoints), pull a LoRA out of a
-    fine-tune (`extract`), mix adapters (`combine`), change their ranks (`resize`), see what
+    fine-tune (`extract`), mix adapters (`combine`), change their ranks (`resize`), rewrite a
+    diffusion LoRA in another format (`convert`: kohya, diffusers, peft), see what
     a checkpoint or adapter holds (`inspect`), what changed between two checkpoints (`diff`)
     and whether a merge is what it claims (`verify`), and run many jobs from a manifest
     (`batch`). Every LOCATION is a checkpoint directory, a .safetensors file, a PEFT adapter
@@ -646,6 +647,48 @@ def resize(
     _echo(render.resize_lines(report))
 
 
+@cli.command()
+@click.argument("lora")
+@click.option(
+    "-o", "--output", "out", required=True, metavar="OUT",
+    help="The file to write (a directory for --to peft).",
+)  # fmt: skip
+@click.option(
+    "--to", "to", type=_choices(api.OutputFormat), required=True,
+    help="Output format: kohya (one file), diffusers (one file) or peft (adapter directory).",
+)  # fmt: skip
+@click.option(
+    "--base", default=None, metavar="BASE",
+    help="The checkpoint the LoRA is for (LDM file or diffusers folder): needed to turn kohya "
+    "names into diffusers paths; checks the LoRA against it.",
+)  # fmt: skip
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once done).")
+@_common
+def convert(
+    lora: str, out: str, to: str, base: str | None, overwrite: bool, quiet: bool, debug: bool
+) -> None:
+    """Write the diffusion LoRA file LORA in another format: the same update, exactly.
+
+    Every factor is copied unchanged and each module keeps its rank and alpha (kohya: one
+    alpha tensor per module; diffusers: lora_alpha with rank_pattern/alpha_pattern in
+    lora_adapter_metadata, never diffusers' alpha = rank). kohya names become diffusers
+    paths only through --base (kohya to diffusers/peft without it is refused); diffusers to
+    kohya needs none, and with --base follows sd-scripts' names for the base's family (LDM
+    names for SDXL). LyCORIS (LoHa, LoKr, Tucker) and DoRA modules are kept in kohya output
+    and refused by name elsewhere. A peft adapter holds one component: a LoRA with text
+    encoders is refused there (use --to diffusers). The summary counts the modules converted
+    per component.
+
+    \b
+    Examples:
+      lorasurgeon convert my_lora.safetensors -o my_lora_diffusers.safetensors --to diffusers \\
+          --base sd_xl_base_1.0.safetensors
+      lorasurgeon convert pytorch_lora_weights.safetensors -o my_lora_kohya.safetensors --to kohya
+    """
+    report = api.convert(lora, out, to=to, base=base, overwrite=overwrite)
+    _echo(render.convert_lines(report))
+
+
 @cli.command(name="diff")
 @click.argument("a")
 @click.argument("b")
@@ -804,7 +847,7 @@ def batch(
     manifest: str, workers: int, fail_fast: bool, dry_run: bool, shard: tuple[int, int] | None,
     results_path: str | None, ray_address: str | None, quiet: bool, debug: bool,
 ) -> None:  # fmt: skip
-    """Run the merge, extract, combine and resize jobs of MANIFEST (.yaml or .jsonl).
+    """Run the merge, extract, combine, resize and convert jobs of MANIFEST (.yaml or .jsonl).
 
     The whole manifest is validated first (exit 2 naming the job). A job whose output exists
     with provenance matching it (inputs, resolved revisions, options, tool version) is

@@ -10,7 +10,15 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from . import CombineReport, ExtractReport, MergePlan, MergeReport, ResizeReport, Summary
+    from . import (
+        CombineReport,
+        ConvertReport,
+        ExtractReport,
+        MergePlan,
+        MergeReport,
+        ResizeReport,
+        Summary,
+    )
     from .batch import Job, JobResult
     from .diff import DiffReport, Spectrum, TensorDiff
     from .verify import VerifyReport
@@ -20,6 +28,7 @@ __all__ = [
     "batch_plan_lines",
     "batch_table",
     "combine_lines",
+    "convert_lines",
     "count",
     "diff_lines",
     "extract_lines",
@@ -133,6 +142,15 @@ def resize_lines(report: ResizeReport) -> list[str]:
         f"{count(report.total_params)} parameters (was {count(report.input_params)}), "
         f"{report.seconds:.1f} s",
         _errors(report.to_dict(), kept),
+    ]
+
+
+def convert_lines(report: ConvertReport) -> list[str]:
+    parts = ", ".join(f"{name} {n}" for name, n in report.converted.items())
+    return [
+        f"wrote {report.out}: {report.total} modules converted from {report.source_format} to "
+        f"{report.format} ({parts}), {report.alphas} with their own alpha, family "
+        f"{report.family}, {report.seconds:.1f} s"
     ]
 
 

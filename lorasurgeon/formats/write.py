@@ -177,11 +177,11 @@ def kohya_prefix_of(component: Component, components: Iterable[Component], famil
     ]
 
 
-def diffusers_component(component: Component, family: Family) -> str | None:
-    """The diffusers key prefix of a component (``transformer`` for DiT families); None for
-    kohya's ``lora_te3_`` (T5), which this writer does not place in a diffusers file."""
+def diffusers_component(component: Component, *, dit: bool) -> str | None:
+    """The diffusers key prefix of a component (``transformer`` for a DiT); None for kohya's
+    ``lora_te3_`` (T5), which this writer does not place in a diffusers file."""
     if component is Component.UNET:
-        return "transformer" if family in (Family.FLUX, Family.SD3) else "unet"
+        return "transformer" if dit else "unet"
     if component in (Component.TE, Component.TE1):
         return "text_encoder"
     if component is Component.TE2:
@@ -249,14 +249,14 @@ def _kohya_names(
 
 
 def _peft_names(
-    modules: Sequence[OutModule], fmt: OutputFormat, family: Family, source: Path | None
+    modules: Sequence[OutModule], fmt: OutputFormat, dit: bool, source: Path | None
 ) -> dict[tuple[int, str], str]:
     names: dict[tuple[int, str], str] = {}
     for i, m in enumerate(modules):
         if fmt is OutputFormat.PEFT:
             prefix = _PEFT_PREFIX
         else:
-            component = diffusers_component(m.component, family)
+            component = diffusers_component(m.component, dit=dit)
             if component is None:
                 raise _refuse(m, source, f"no diffusers component holds {m.component.value} "
                               "modules (a T5 text encoder)", "convert it --to kohya")  # fmt: skip
@@ -266,14 +266,23 @@ def _peft_names(
     return names
 
 
+def _config_name(module: OutModule) -> str:
+    """The module's name in a LoraConfig. Text encoders without ``text_model.``: PEFT matches
+    names as suffixes, so this fits transformers 4's CLIP (which has that level) and 5's (which
+    drops it and maps ``text_model.`` keys when loading)."""
+    if module.component.is_text_encoder:
+        return module.module.removeprefix("text_model.")
+    return module.module
+
+
 def _rank_config(modules: Sequence[OutModule]) -> dict[str, Any]:
     """One component's LoraConfig fields: the most common (r, α) as defaults, every other
     module's own in ``rank_pattern``/``alpha_pattern`` by its escaped full name (spec §3.1), so
     per-module alphas survive (never diffusers' α = r, spec §3.4)."""
     from ..adapters import rank_config
 
-    ranks = {m.module: int(m.rank or 0) for m in modules}
-    alphas = {m.module: m.alpha_or_rank for m in modules}
+    ranks = {_config_name(m): int(m.rank or 0) for m in modules}
+    alphas = {_config_name(m): m.alpha_or_rank for m in modules}
     config = rank_config(ranks, alphas)
     config.update(
         target_modules=sorted(ranks),
@@ -284,10 +293,10 @@ def _rank_config(modules: Sequence[OutModule]) -> dict[str, Any]:
     return config
 
 
-def _diffusers_metadata(modules: Sequence[OutModule], family: Family) -> str:
+def _diffusers_metadata(modules: Sequence[OutModule], dit: bool) -> str:
     by_component: dict[str, list[OutModule]] = {}
     for m in modules:
-        by_component.setdefault(str(diffusers_component(m.component, family)), []).append(m)
+        by_component.setdefault(str(diffusers_component(m.component, dit=dit)), []).append(m)
     packed: dict[str, Any] = {}
     for prefix, group in by_component.items():
         for key, value in _rank_config(group).items():
@@ -388,7 +397,8 @@ def _check_components(modules: Sequence[OutModule], fmt: OutputFormat) -> None:
         raise OptionError(
             f"a PEFT adapter holds the modules of one model, this LoRA has {len(components)} "
             f"components ({', '.join(components)})",
-            hint="use --format diffusers (one file, one section per component)",
+            hint="write it as diffusers (--format diffusers; convert: --to diffusers), one file "
+            "with a section per component",
         )
 
 
@@ -400,6 +410,7 @@ def plan_lora(
     family: Family = Family.UNKNOWN,
     metadata: Mapping[str, str] | None = None,
     source: Path | None = None,
+    dit: bool | None = None,
 ) -> LoraPlan:
     """Plan writing ``modules`` to ``out`` in ``fmt``.
 
@@ -411,7 +422,8 @@ def plan_lora(
     ``r``/``lora_alpha``/``rank_pattern``/``alpha_pattern``/``target_modules``. PEFT: an
     adapter directory of one component, ``base_model.model.<module>.…`` and the same config.
     ``metadata`` (e.g. the input's ``ss_*`` keys) is carried into kohya and diffusers files,
-    less hashes of other bytes. ``source`` names the input file in errors.
+    less hashes of other bytes. ``source`` names the input file in errors. ``dit``: the UNet
+    component is a DiT (diffusers ``transformer.`` keys; default: FLUX and SD3 families).
 
     Raises:
         AdapterError: a module ``fmt`` cannot hold (LyCORIS kinds and DoRA outside kohya, a
@@ -427,8 +439,9 @@ def plan_lora(
         names, own = _kohya_names(modules, family)
         header = _kohya_metadata(modules, family, given)
     else:
-        names = _peft_names(modules, fmt, family, source)
-        header = {**given, METADATA_KEY: _diffusers_metadata(modules, family)}
+        is_dit = family in (Family.FLUX, Family.SD3) if dit is None else dit
+        names = _peft_names(modules, fmt, is_dit, source)
+        header = {**given, METADATA_KEY: _diffusers_metadata(modules, is_dit)}
     _check_unique(modules, names, source)
     tensors, copies = _tensors(modules, names, own)
     counts = collections.Counter(m.component for m in modules)
