@@ -18,7 +18,15 @@ from torch import nn
 
 import lorasurgeon
 from lorasurgeon.extract import extract
-from tests.sd_models import TinySD, ldm_state, save_diffusers, save_ldm, tiny_sd
+from tests.sd_models import (
+    TinySD,
+    bfl_state,
+    ldm_state,
+    save_diffusers,
+    save_ldm,
+    tiny_flux,
+    tiny_sd,
+)
 from tests.test_merge_diffusion import _pipeline, _run, _text_state, diffusers_fused_ldm
 
 # module (diffusers/transformers spelling) -> planted rank; the UNet modules exist in SD1 and
@@ -113,7 +121,7 @@ def test_kohya_file_follows_sd_scripts_layout(models: dict[str, TinySD], tmp_pat
     extract(base, tuned, lora, rank=4, svd="exact")
     state = load_file(str(lora))
     conv = "lora_unet_input_blocks_4_0_in_layers_2"  # down_blocks.1.resnets.0.conv1
-    assert state[f"{conv}.lora_down.weight"].shape == (4, 64, 3, 3)
+    assert state[f"{conv}.lora_down.weight"].shape == (4, 32, 3, 3)
     assert state[f"{conv}.lora_up.weight"].shape == (64, 4, 1, 1)
     assert state[f"{conv}.alpha"].item() == 4
     down = state[f"{conv}.lora_down.weight"].flatten(1)
@@ -274,3 +282,37 @@ def test_exclude_modules_leaves_a_module_out(models: dict[str, TinySD], tmp_path
                      exclude_modules=["down_blocks.1.resnets.0.conv1"])  # fmt: skip
     assert "down_blocks.1.resnets.0.conv1" not in {m.module for m in report.modules}
     assert any("in_layers.2.weight differs" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_flux_bfl_file_fused_qkv_as_kohya_split_as_diffusers(tmp_path: Path, fmt: str) -> None:
+    """FLUX: kohya names the fused BFL qkv/linear1 (one module), diffusers splits them into
+    to_q/to_k/to_v/proj_mlp row slices; both merge back into the BFL base as TUNED. (diffusers
+    cannot load FLUX LoRAs at tiny widths, spec: its converter hard-codes 3072.)"""
+    state = {k: v.detach().clone() for k, v in tiny_flux().state_dict().items()}
+    base = bfl_state(state)
+    gen = torch.Generator().manual_seed(3)
+    tuned = dict(base)
+    for name in ("double_blocks.0.img_attn.qkv.weight", "single_blocks.1.linear1.weight",
+                 "double_blocks.1.txt_mlp.2.weight"):  # fmt: skip
+        w = base[name]
+        tuned[name] = w + 0.05 * torch.randn(w.shape[0], 2, generator=gen) @ torch.randn(
+            2, w.shape[1], generator=gen
+        )
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    lora = tmp_path / "lora.safetensors"
+    report = extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", lora,
+                     rank=4, output_format=fmt)  # fmt: skip
+    names = {m.module for m in report.modules}
+    if fmt == "kohya":
+        assert names == {"double_blocks.0.img_attn.qkv", "single_blocks.1.linear1",
+                         "double_blocks.1.txt_mlp.2"}  # fmt: skip
+    else:
+        assert "transformer_blocks.0.attn.to_k" in names
+        assert "single_transformer_blocks.1.proj_mlp" in names
+        assert "transformer_blocks.1.ff_context.net.2" in names
+        assert all(k.startswith("transformer.") for k in load_file(str(lora)))
+    lorasurgeon.merge(tmp_path / "base.safetensors", [lora], tmp_path / "merged.safetensors")
+    worst = _worst(load_file(str(tmp_path / "merged.safetensors")), tuned)
+    assert worst[0] <= _ATOL, f"worst tensor {worst[1]}: {worst[0]:.3g}"
