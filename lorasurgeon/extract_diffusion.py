@@ -34,13 +34,12 @@ __all__ = [
     "DiffusionPlan",
     "ExtractedModule",
     "Spelling",
-    "LoraModule",
     "TextEncoderCheck",
     "DiffusionOutcome",
     "decompose_modules",
     "extract_diffusion",
     "drop_unchanged_text",
-    "lora_modules",
+    "module_factors",
     "select_module_ranks",
     "is_diffusion_checkpoint",
     "plan_diffusion_extraction",
@@ -506,45 +505,48 @@ def select_module_ranks(
     return ranks
 
 
-@dataclass(frozen=True)
-class LoraModule:
-    """One extracted module as a kohya LoCon stores it (spec §5.6): ``down`` (r, in[, kh, kw])
-    with the target's kernel, ``up`` (out, r[, 1, 1]), ``alpha``; its update is
-    ``alpha / r · up.flatten(1) @ down.flatten(1)``. ``name`` is the dotted module path in the
-    plan's spelling."""
-
-    component: Component
-    name: str
-    down: torch.Tensor
-    up: torch.Tensor
-    alpha: float
-
-
-def lora_modules(
-    results: Sequence[ExtractedModule], ranks: Sequence[int], *, alpha: float | None,
-    dtype: str | None,
-) -> tuple[list[LoraModule], list[ModuleReport]]:  # fmt: skip
-    """The stored factors: ``up = U·S·r/alpha``, ``down = Vh`` (sd-scripts keeps ``U·S`` and
-    ``Vh`` with ``alpha = r``; no clamping), rounded once to ``dtype`` (None: the base
-    weight's), and each module's report against its delta."""
+def module_factors(
+    result: ExtractedModule, rank: int, *, alpha: float | None, dtype: str | None
+) -> tuple[torch.Tensor, torch.Tensor, ModuleReport]:
+    """One module's stored factors as a kohya LoCon keeps them (spec §5.6): ``down = Vh``
+    (r, in[, kh, kw]) with the target's kernel, ``up = U·S·r/alpha`` (out, r[, 1, 1]) (sd-scripts
+    keeps ``U·S`` with ``alpha = r``; no clamping), rounded once to ``dtype`` (None: the base
+    weight's); the update is ``alpha / r · up.flatten(1) @ down.flatten(1)``. The report's
+    error is that of the factors as stored."""
     from .dtypes import torch_dtype
     from .lowrank import stored_rel_error
 
-    modules, reports = [], []
-    for r, rank in zip(results, ranks, strict=True):
-        m = r.module
-        stored_alpha = float(alpha) if alpha is not None else float(rank)
-        scaling = stored_alpha / rank
-        a, b = r.svd.factors(rank, scaling, balanced=False)
-        target = torch_dtype(dtype or m.dtype)
-        a, b = a.to(target), b.to(target)
-        error = stored_rel_error(r.svd, rank, a, b, scaling)
-        down = a.reshape(rank, *m.shape[1:]).contiguous()
-        up = b.reshape(m.shape[0], rank, *([1] * (len(m.shape) - 2))).contiguous()
-        modules.append(LoraModule(m.component, m.name, down, up, stored_alpha))
-        reports.append(ModuleReport(m.name, list(m.matrix_shape), rank, stored_alpha, error,
-                                    1 - error * error))  # fmt: skip
-    return modules, reports
+    m = result.module
+    stored_alpha = _alpha(alpha, rank)
+    scaling = stored_alpha / rank
+    a, b = result.svd.factors(rank, scaling, balanced=False)
+    target = torch_dtype(dtype or m.dtype)
+    a, b = a.to(target), b.to(target)
+    error = stored_rel_error(result.svd, rank, a, b, scaling)
+    down = a.reshape(rank, *m.shape[1:]).contiguous()
+    up = b.reshape(m.shape[0], rank, *([1] * (len(m.shape) - 2))).contiguous()
+    report = ModuleReport(m.name, list(m.matrix_shape), rank, stored_alpha, error,
+                          1 - error * error)  # fmt: skip
+    return down, up, report
+
+
+def _alpha(alpha: float | None, rank: int) -> float:
+    return float(alpha) if alpha is not None else float(rank)
+
+
+def _out_module(
+    result: ExtractedModule, rank: int, *, alpha: float | None, dtype: str | None
+) -> Any:
+    """The writer's record of a module (factor shapes and dtypes; computed later)."""
+    from .formats.model import Kind
+    from .formats.write import Factor, OutModule
+
+    m = result.module
+    code = dtype or m.dtype
+    down = Factor(code, (rank, *m.shape[1:]))
+    up = Factor(code, (m.shape[0], rank, *([1] * (len(m.shape) - 2))))
+    return OutModule(m.component, m.name, Kind.LORA, {"down": down, "up": up},
+                     _alpha(alpha, rank), rank)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -558,20 +560,6 @@ class DiffusionOutcome:
     unchanged_text: list[TextEncoderCheck]
     notes: list[str]
     energy: float  # Σ ||delta||_F² of the modules in the LoRA
-
-
-def _out_modules(modules: Sequence[LoraModule]) -> list[Any]:
-    from .dtypes import code_of
-    from .formats.model import Kind
-    from .formats.write import Factor, OutModule
-
-    return [
-        OutModule(m.component, m.name, Kind.LORA,
-                  {"down": Factor(code_of(m.down.dtype), tuple(m.down.shape)),
-                   "up": Factor(code_of(m.up.dtype), tuple(m.up.shape))},
-                  m.alpha, int(m.down.shape[0]))
-        for m in modules
-    ]  # fmt: skip
 
 
 def extract_diffusion(
@@ -594,7 +582,9 @@ def extract_diffusion(
     from .formats.write import OutputFormat, plan_lora
 
     found = list(decompose_modules(plan, policy, conv_rank, svd, device, progress))
+    skipped = sum(1 for r in found if r is None)
     results = [r for r in found if r is not None]
+    del found
     results, unchanged = drop_unchanged_text(results, text_threshold)
     if not results:
         raise IncompatibleError(
@@ -603,18 +593,26 @@ def extract_diffusion(
             path=plan.tuned.path, hint="is TUNED a fine-tune of BASE?",
         )  # fmt: skip
     ranks = select_module_ranks(results, policy, conv_rank)
-    modules, reports = lora_modules(results, ranks, alpha=alpha, dtype=dtype)
-    lora = plan_lora(out, _out_modules(modules), OutputFormat(fmt), family=plan.base.family)
+    planned = [
+        _out_module(r, k, alpha=alpha, dtype=dtype) for r, k in zip(results, ranks, strict=True)
+    ]
+    lora = plan_lora(out, planned, OutputFormat(fmt), family=plan.base.family)
     output = dataclasses.replace(lora.output, provenance=provenance)
+    reports: list[ModuleReport] = []
+    energy = math.fsum(r.svd.total_energy for r in results)
+    pending: list[ExtractedModule | None] = list(results)
+    del results  # each module's SVD is freed as soon as its factors are written
 
     def produce(_: Any) -> Iterator[Computed]:
-        for i, m in enumerate(modules):
-            yield Computed(lora.name(i, "down"), m.down)
-            yield Computed(lora.name(i, "up"), m.up)
+        for i, rank in enumerate(ranks):
+            result, pending[i] = pending[i], None
+            assert result is not None
+            down, up, report = module_factors(result, rank, alpha=alpha, dtype=dtype)
+            reports.append(report)
+            yield Computed(lora.name(i, "down"), down)
+            yield Computed(lora.name(i, "up"), up)
 
     engine.run(output, lora.stream(produce), overwrite=overwrite)
-    params = sum(int(m.down.numel() + m.up.numel()) for m in modules)
-    skipped = sum(1 for r in found if r is None)
+    params = sum(math.prod(f.shape) for m in planned for f in m.factors.values())
     notes = [f"{unpaired} tensors outside the LoRA are in one checkpoint only"] if unpaired else []
-    energy = math.fsum(r.svd.total_energy for r in results)
     return DiffusionOutcome(reports, params, skipped, unchanged, notes, energy)
