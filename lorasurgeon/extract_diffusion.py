@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -21,7 +22,8 @@ from .errors import IncompatibleError, LorasurgeonError, OptionError
 from .formats.model import Component, Family
 from .layouts import Layout, Piece, Target, open_layout
 from .options import DEFAULT_FIXED_RANK, DEFAULT_MAX_RANK, RankMethod, RankPolicy, SvdMethod
-from .reader import Checkpoint, TensorInfo, open_checkpoint
+from .pipeline import prefetch
+from .reader import TensorFiles, TensorInfo, open_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -366,29 +368,36 @@ def _check_listed(excludes: Sequence[str], modules: Sequence[tuple[Any, ...]]) -
             )
 
 
-def _load_rows(checkpoint: Checkpoint, piece: Piece, info: TensorInfo) -> torch.Tensor:
-    tensor = checkpoint.load(info).float()
+def _rows(piece: Piece, tensor: torch.Tensor, device: Any) -> torch.Tensor:
+    """The piece's rows of its stored tensor in float32 on ``device``, as (rows, rest)."""
     if piece.weight_rows is not None:
         tensor = tensor[piece.weight_rows[0] : piece.weight_rows[1]]
-    tensor = tensor.reshape(tensor.shape[0], -1)
+    tensor = tensor.to(device).float().reshape(tensor.shape[0], -1)
     return tensor.t() if piece.transposed else tensor
 
 
+def read_pieces(m: DiffusionModule, files: TensorFiles) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The stored (base, tuned) tensor of each of the module's pieces."""
+    return [(files.load(bi), files.load(ti)) for (_, bi), (_, ti) in zip(m.base, m.tuned,
+                                                                        strict=True)]  # fmt: skip
+
+
 def module_delta(
-    m: DiffusionModule, checkpoints: Mapping[Path, Checkpoint], device: Any
+    m: DiffusionModule, stored: Sequence[tuple[torch.Tensor, torch.Tensor]], device: Any
 ) -> torch.Tensor:
     """``tuned - base`` of the module in float32 on ``device``, as its (out, in·kh·kw) matrix:
-    each piece's rows placed at its ``delta_rows`` (all rows when None)."""
+    each piece's rows placed at its ``delta_rows`` (all rows when None). ``stored``: the
+    pieces' tensors, from ``read_pieces``."""
     import torch
 
     delta = torch.zeros(m.matrix_shape, dtype=torch.float32, device=device)
-    for (bp, bi), (tp, ti) in zip(m.base, m.tuned, strict=True):
-        rows = _load_rows(checkpoints[tp.checkpoint], tp, ti).to(device)
-        rows = rows - _load_rows(checkpoints[bp.checkpoint], bp, bi).to(device)
-        if bp.delta_rows is None:
+    for ((piece, _), _), (base, tuned) in zip(zip(m.base, m.tuned, strict=True), stored,
+                                              strict=True):  # fmt: skip
+        rows = _rows(piece, tuned, device).sub_(_rows(piece, base, device))
+        if piece.delta_rows is None:
             delta.copy_(rows.reshape(delta.shape))
         else:
-            delta[bp.delta_rows[0] : bp.delta_rows[1]] = rows
+            delta[piece.delta_rows[0] : piece.delta_rows[1]] = rows
     return delta
 
 
@@ -408,8 +417,9 @@ def decompose_modules(
     device: Any,
     progress: Any = None,
 ) -> Iterator[ExtractedModule | None]:
-    """Each module's truncated SVD in plan order, one module in memory at a time; None for a
-    module equal in both checkpoints.
+    """Each module's truncated SVD in plan order, None for a module equal in both checkpoints.
+    Memory stays bounded by the largest modules: the stored tensors of at most three modules
+    (two read ahead on a thread) and one float32 delta.
 
     Raises:
         IncompatibleError: a delta that is not finite.
@@ -419,13 +429,15 @@ def decompose_modules(
     from . import lowrank, ops
 
     generator = torch.Generator(device=device).manual_seed(0)
-    paths = {p.checkpoint for m in plan.modules for p, _ in (*m.base, *m.tuned)}
     total = sum(i.nbytes for m in plan.modules for _, i in (*m.base, *m.tuned))
     done = 0
-    with contextlib.ExitStack() as stack:
-        checkpoints = {p: stack.enter_context(open_checkpoint(p)) for p in paths}
-        for m in plan.modules:
-            delta = module_delta(m, checkpoints, device)
+    stop = threading.Event()
+    with TensorFiles() as files:
+        # the next modules are read on a thread while this one is decomposed
+        for m, stored in prefetch(plan.modules, lambda m: read_pieces(m, files), depth=2,
+                                  stop=stop):  # fmt: skip
+            delta = module_delta(m, stored, device)
+            del stored
             if not ops.all_finite(delta):
                 raise IncompatibleError(
                     "tuned - base is not finite (inf or NaN in a checkpoint)",
