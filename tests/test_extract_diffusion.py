@@ -18,6 +18,7 @@ from torch import nn
 
 import lorasurgeon
 from lorasurgeon.extract import extract
+from tests.conftest import TinyBase
 from tests.sd_models import (
     TinySD,
     bfl_state,
@@ -135,22 +136,33 @@ def test_kohya_file_follows_sd_scripts_layout(models: dict[str, TinySD], tmp_pat
     assert json.loads(metadata["ss_network_args"])["conv_dim"] == "4"
 
 
-@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+@pytest.mark.parametrize(("family", "fmt"), [("sd1", "kohya"), ("sd1", "diffusers"),
+                                             ("sdxl", "kohya")])  # fmt: skip
 def test_diffusers_folder_extraction_loads_in_diffusers(
-    models: dict[str, TinySD], tmp_path: Path, fmt: str
+    models: dict[str, TinySD], tmp_path: Path, family: str, fmt: str
 ) -> None:
-    model = models["sd1"]
+    """A diffusers folder (SDXL: kohya names in LDM spelling, from a diffusers-spelled base;
+    the text encoders in their own component files)."""
+    model = models[family]
     tuned = tuned_model(model)
     base = save_diffusers(model, tmp_path / "base")
     tuned_dir = save_diffusers(tuned, tmp_path / "tuned")
     lora = tmp_path / "lora.safetensors"
     extract(base, tuned_dir, lora, rank=4, output_format=fmt)
+    if family == "sdxl":
+        assert any(
+            k.startswith("lora_unet_input_blocks_4_0_in_layers_2") for k in load_file(str(lora))
+        )
     pipe = _pipeline(model)
     pipe.load_lora_weights(str(lora))  # type: ignore[attr-defined]
     pipe.fuse_lora(lora_scale=1.0)  # type: ignore[attr-defined]
     pipe.unload_lora_weights()  # type: ignore[attr-defined]
-    got = pipe.unet.state_dict() | _text_state(pipe.text_encoder)  # type: ignore[attr-defined]
-    want = tuned.unet_state() | tuned.text_state(0)
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])  # type: ignore[attr-defined]
+    got = {f"unet.{k}": v for k, v in pipe.unet.state_dict().items()}  # type: ignore[attr-defined]
+    want = {f"unet.{k}": v for k, v in tuned.unet_state().items()}
+    for i, encoder in enumerate(encoders):
+        got |= {f"te{i}.{k}": v for k, v in _text_state(encoder).items()}
+        want |= {f"te{i}.{k}": v for k, v in tuned.text_state(i).items()}
     worst = _worst(got, want)
     assert worst[0] <= _ATOL, f"worst tensor {worst[1]}: {worst[0]:.3g}"
     lorasurgeon.merge(base, [lora], tmp_path / "merged")
@@ -316,3 +328,44 @@ def test_flux_bfl_file_fused_qkv_as_kohya_split_as_diffusers(tmp_path: Path, fmt
     lorasurgeon.merge(tmp_path / "base.safetensors", [lora], tmp_path / "merged.safetensors")
     worst = _worst(load_file(str(tmp_path / "merged.safetensors")), tuned)
     assert worst[0] <= _ATOL, f"worst tensor {worst[1]}: {worst[0]:.3g}"
+
+
+def test_unet_only_folder(models: dict[str, TinySD], tmp_path: Path) -> None:
+    """A UNet component folder (diffusion_pytorch_model.safetensors): no text encoder."""
+    model = models["sd1"]
+    tuned = tuned_model(model)
+    model.unet.save_pretrained(tmp_path / "base")
+    tuned.unet.save_pretrained(tmp_path / "tuned")
+    lora = tmp_path / "lora.safetensors"
+    report = extract(tmp_path / "base", tmp_path / "tuned", lora, rank=4)
+    assert {m.module for m in report.modules} == set(_UNET_PLANTS)
+    lorasurgeon.merge(tmp_path / "base", [lora], tmp_path / "merged")
+    merged = load_file(str(tmp_path / "merged" / "diffusion_pytorch_model.safetensors"))
+    worst = _worst(merged, tuned.unet_state())
+    assert worst[0] <= _ATOL, f"worst tensor {worst[1]}: {worst[0]:.3g}"
+
+
+def test_a_module_only_in_tuned_is_refused(
+    models: dict[str, TinySD], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = models["sd1"]
+    base = load_file(str(save_ldm(model, tmp_path / "full.safetensors")))
+    name = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_v.weight"
+    save_file({k: v for k, v in base.items() if k != name}, str(tmp_path / "base.safetensors"))
+    tuned = save_ldm(tuned_model(model), tmp_path / "tuned.safetensors")
+    out = tmp_path / "out.safetensors"
+    code, err = _run(capsys, "extract", tmp_path / "base.safetensors", tuned, "-o", out)
+    assert code == 1 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert "tuned.safetensors: up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_v" in err
+    assert "is in the tuned checkpoint but not in" in err and not out.exists()
+    missing = "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_v"
+    report = extract(tmp_path / "base.safetensors", tuned, out, rank=4, exclude_modules=[missing])
+    assert len(report.modules) == len(_UNET_PLANTS) + len(_TEXT_PLANTS)
+
+
+def test_diffusion_options_on_transformers_checkpoints_are_usage_errors(
+    gpt2: TinyBase, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for args in (["--format", "kohya"], ["--conv-rank", "4"], ["--min-te-diff", "0.1"]):
+        code, err = _run(capsys, "extract", gpt2.path, gpt2.path, "-o", tmp_path / "out", *args)
+        assert code == 2 and err.startswith("error: ") and "diffusion checkpoints" in err, err
