@@ -134,6 +134,8 @@ OPTIONS: dict[Command, dict[str, tuple[str, Callable[[Any], Any]]]] = {
         "layers-pattern": ("layers_pattern", _names), "svd": ("svd", _STR),
         "save-modules": ("save_modules", _names),
         "fan-in-fan-out": ("fan_in_fan_out", _fan_in_fan_out),
+        "format": ("output_format", _STR), "conv-rank": ("conv_rank", _INT),
+        "min-te-diff": ("min_te_diff", _FLOAT),
     },
     Command.COMBINE: {
         **_COMMON, "weight": ("weights", _floats), "method": ("method", _STR),

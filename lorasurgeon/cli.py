@@ -438,6 +438,20 @@ def _fan_in_fan_out(text: str | None) -> list[str] | str | None:
     help="Draw the relative error per layer and module.",
 )  # fmt: skip
 @_UNIFORM_RANK
+@click.option(
+    "--format", "output_format", type=click.Choice(["peft", "kohya", "diffusers"]),
+    default=None,
+    help="Output format [default: peft; kohya for diffusion checkpoints].",
+)  # fmt: skip
+@click.option(
+    "--conv-rank", type=click.IntRange(min=1), default=None, metavar="R",
+    help="Diffusion: rank of kxk conv modules under fixed [default: --rank].",
+)  # fmt: skip
+@click.option(
+    "--min-te-diff", type=click.FloatRange(min=0), default=None, metavar="D",
+    help="Diffusion: a text encoder with max |tuned - base| <= D is left out as unchanged, "
+    "as kohya does [default: 0.01]; 0 keeps any changed one.",
+)  # fmt: skip
 @_compute_options
 def extract(
     base: str, tuned: str, out: str, rank: int | None, alpha: float | None, target_modules: str,
@@ -445,8 +459,9 @@ def extract(
     rank_method: str, energy: float | None, param_budget: int | None, min_rank: int,
     max_rank: int | None, sv_ratio: float | None, sv_cumulative: float | None, svd: str,
     save_modules: str | None, dtype: str,
-    fan_in_fan_out: str | None, plot: str | None, uniform_rank: bool, report_path: str | None,
-    overwrite: bool,
+    fan_in_fan_out: str | None, plot: str | None, uniform_rank: bool,
+    output_format: str | None, conv_rank: int | None, min_te_diff: float | None,
+    report_path: str | None, overwrite: bool,
     device: str, quiet: bool, debug: bool,
 ) -> None:  # fmt: skip
     """Extract a LoRA adapter from TUNED - BASE by truncated SVD.
@@ -458,11 +473,18 @@ def extract(
     rank_pattern; --uniform-rank). A summary of the errors ends the run; tensors that changed
     but are not in the adapter are listed.
 
+    From two diffusion checkpoints of one layout (LDM/SGM file, diffusers folder, UNet-only
+    or FLUX file), OUT is a LoRA file (--format kohya, the default, or diffusers) of the
+    modules kohya's extractor covers: attention, feed-forward, proj, resnet and sampler
+    convs (--conv-rank), text-encoder projections. kohya: lora_up = U*S, lora_down = Vh,
+    alpha = r, no clamping. A text encoder within --min-te-diff is left out and counted.
+
     \b
     Examples:
       lorasurgeon extract base/ tuned/ -o lora --rank 32
       lorasurgeon extract base/ tuned/ -o lora --rank-method energy --energy 0.9
       lorasurgeon extract base/ tuned/ -o lora --rank-method budget --param-budget 20000000
+      lorasurgeon extract sdxl.safetensors tuned.safetensors -o lora.safetensors --rank 32
     """
     try:
         layers = [int(x) for x in _split(layers_to_transform) or []] or None
@@ -483,6 +505,7 @@ def extract(
             sv_cumulative=sv_cumulative, svd=svd, save_modules=_split(save_modules) or (),
             dtype=dtype,
             fan_in_fan_out=_fan_in_fan_out(fan_in_fan_out), uniform_rank=uniform_rank,
+            output_format=output_format, conv_rank=conv_rank, min_te_diff=min_te_diff,
             device=device, overwrite=overwrite, progress=bar,
         )  # fmt: skip
     finally:

@@ -32,6 +32,14 @@ from .adapters import (
 from .dtypes import COMPUTE_DTYPES, DTYPES, DType, torch_dtype
 from .engine import Computed, Copy, Output
 from .errors import IncompatibleError, OptionError
+from .extract_diffusion import (
+    DEFAULT_TEXT_THRESHOLD,
+    DiffusionPlan,
+    Spelling,
+    extract_diffusion,
+    is_diffusion_checkpoint,
+    plan_diffusion_extraction,
+)
 from .locations import Location, Role, resolve
 from .options import (
     DEFAULT_FIXED_RANK,
@@ -126,6 +134,8 @@ class ExtractReport:
     rank_method: str
     seconds: float
     notes: list[str] = field(default_factory=list)
+    # diffusion checkpoints: text encoders left out as unchanged ({component, modules, max_abs})
+    unchanged_text: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return report_dict(self)
@@ -579,7 +589,7 @@ def _differ_as_bytes(base: TensorInfo, tuned: TensorInfo, files: TensorFiles) ->
 
 
 def _not_in_adapter(
-    plan: ExtractPlan, files: TensorFiles, module_energy: float
+    plan: ExtractPlan | DiffusionPlan, files: TensorFiles, module_energy: float
 ) -> list[dict[str, Any]]:
     """Tensors that differ between the checkpoints but are not in the adapter, with their share
     of the whole update's squared norm."""
@@ -588,7 +598,8 @@ def _not_in_adapter(
         energy = _squared_difference(b, t, files)
         if energy is not None:
             changed.append((b.name, energy))
-    saved = [_squared_difference(b, t, files) or 0.0 for b, t in plan.saved if b.shape == t.shape]
+    pairs = plan.saved if isinstance(plan, ExtractPlan) else ()
+    saved = [_squared_difference(b, t, files) or 0.0 for b, t in pairs if b.shape == t.shape]
     total = module_energy + math.fsum(e for e in (*saved, *(e for _, e in changed)) if e == e)
     # share None: the tensor changed in a dtype whose difference cannot be measured
     rows = [
@@ -611,6 +622,91 @@ def _output(
     planned = [OutputTensor(k, code_of(v.dtype), tuple(v.shape)) for k, v in tensors]
     copies = [Copy(KEY_PREFIX + t.name, t) for _, t in plan.saved]
     return adapter_output(out, planned, copies, config)
+
+
+@dataclass(frozen=True)
+class _DiffusionJob:
+    base: Location
+    tuned: Location
+    out: str | os.PathLike[str]
+    output_format: str
+    conv_rank: int | None
+    min_te_diff: float
+
+
+def _check_diffusion_options(
+    target_modules: Sequence[str] | str, layers_to_transform: Sequence[int] | None,
+    layers_pattern: Sequence[str] | None, save_modules: Sequence[str],
+    fan_in_fan_out: Sequence[str] | str | None, uniform_rank: bool, conv_rank: int | None,
+    policy: RankPolicy,
+) -> None:  # fmt: skip
+    """Options that cannot apply to diffusion checkpoints are refused, never ignored."""
+    given = [name for name, value in (
+        ("--layers-to-transform", layers_to_transform), ("--layers-pattern", layers_pattern),
+        ("--save-modules", save_modules), ("--fan-in-fan-out", fan_in_fan_out),
+        ("--uniform-rank", uniform_rank),
+    ) if value]  # fmt: skip
+    if isinstance(target_modules, str) and target_modules.lower() != "all-linear":
+        given.append("--target-modules REGEX")
+    if given:
+        raise OptionError(f"{', '.join(given)} cannot apply to diffusion checkpoints",
+                          hint="leave it out (--target-modules takes module names)")  # fmt: skip
+    if conv_rank is not None and policy.method is not RankMethod.FIXED:
+        raise OptionError("--conv-rank is the conv modules' rank of --rank-method fixed",
+                          hint="energy and budget choose every module's rank")  # fmt: skip
+    if conv_rank is not None and conv_rank < 1:
+        raise OptionError(f"--conv-rank must be >= 1, not {conv_rank}")
+
+
+def _check_transformers_options(
+    output_format: str | None, conv_rank: int | None, min_te_diff: float | None
+) -> None:
+    if output_format not in (None, "peft"):
+        raise OptionError(f"--format {output_format} is for diffusion checkpoints",
+                          hint="a transformers checkpoint gives a PEFT adapter")  # fmt: skip
+    if conv_rank is not None or min_te_diff is not None:
+        option = "--conv-rank" if conv_rank is not None else "--min-te-diff"
+        raise OptionError(f"{option} applies to diffusion checkpoints only")
+
+
+def _extract_diffusion(
+    job: _DiffusionJob, policy: RankPolicy, options: _Options,
+    target_modules: Sequence[str] | str, exclude_modules: Sequence[str] | None,
+    recorded: dict[str, Any], device: str, overwrite: bool,
+    progress: ProgressCallback | None, started: float,
+) -> ExtractReport:  # fmt: skip
+    """``extract`` of two diffusion checkpoints: see ``extract_diffusion``."""
+    from . import ops
+
+    check_finite("--min-te-diff", job.min_te_diff)
+    spelling = Spelling.KOHYA if job.output_format == "kohya" else Spelling.DIFFUSERS
+    targets = None if isinstance(target_modules, str) else list(target_modules)
+    plan, unpaired = plan_diffusion_extraction(
+        job.base.path, job.tuned.path, spelling=spelling, target_modules=targets,
+        exclude_modules=list(exclude_modules or ()),
+    )  # fmt: skip
+    out_path = engine.check_output(job.out, [job.base.path, job.tuned.path], overwrite=overwrite)
+    record = provenance.start("extract", recorded, [("base", job.base), ("tuned", job.tuned)])
+    outcome = extract_diffusion(
+        plan, out_path, fmt=job.output_format, policy=policy, conv_rank=job.conv_rank,
+        alpha=options.alpha, svd=options.svd, dtype=options.dtype,
+        text_threshold=job.min_te_diff, device=ops.resolve_device(device), overwrite=overwrite,
+        provenance=record, progress=progress, unpaired=unpaired,
+    )  # fmt: skip
+    with TensorFiles() as files:
+        others = _not_in_adapter(plan, files, outcome.energy)
+    notes = outcome.notes + [
+        f"{row['tensor']} differs ({_share(row['share'])}) but is not in the LoRA"
+        for row in others if row["share"] is None or row["share"] >= 0.01
+    ]  # fmt: skip
+    for note in notes:
+        logger.warning(note)
+    unchanged = [{"component": c.component.value, "modules": c.modules, "max_abs": c.max_abs}
+                 for c in outcome.unchanged_text]  # fmt: skip
+    return ExtractReport(
+        out_path, outcome.modules, outcome.total_params, [], others, outcome.skipped_equal,
+        options.svd.value, policy.method.value, time.monotonic() - started, notes, unchanged,
+    )  # fmt: skip
 
 
 def extract(
@@ -636,6 +732,9 @@ def extract(
     dtype: str = "auto",
     fan_in_fan_out: Sequence[str] | str | None = None,
     uniform_rank: bool = False,
+    output_format: str | None = None,
+    conv_rank: int | None = None,
+    min_te_diff: float | None = None,
     device: str = "auto",
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
@@ -674,6 +773,20 @@ def extract(
             neither checkpoint has a config.json; a contradiction with it is an error.
         uniform_rank: store every module at the largest rank, zero-padded, with no
             rank_pattern (vLLM ignores rank_pattern).
+        output_format: ``peft``, ``kohya`` or ``diffusers`` (None: ``peft`` for transformers
+            checkpoints, ``kohya`` for diffusion checkpoints, see below).
+        conv_rank: diffusion checkpoints: the rank of k×k convs under ``fixed`` (None: ``rank``).
+        min_te_diff: diffusion checkpoints: a text encoder whose max |tuned - base| is at most
+            this is left out as unchanged (None: 0.01, sd-scripts' ``--min_diff``).
+
+    Two diffusion checkpoints of one layout (LDM/SGM single files, diffusers folders,
+    UNet-only or FLUX files) give a diffusion LoRA instead: the modules sd-scripts' extractor
+    covers (attention, feed-forward, proj, resnet and sampler convs, text-encoder projections;
+    FLUX block attention and MLP), stored as it stores them (``lora_up = U·S``, ``lora_down =
+    Vh``, ``alpha = r``, unless ``alpha`` is given). ``target_modules`` (a list) narrows them
+    by name; ``exclude_modules`` leaves modules out. ``layers_to_transform``,
+    ``layers_pattern``, ``save_modules``, ``fan_in_fan_out`` and ``uniform_rank`` do not
+    apply there.
 
     Raises:
         LocationError, CheckpointError, IncompatibleError, OptionError, OutputError.
@@ -683,6 +796,19 @@ def extract(
     policy = RankPolicy(choice(RankMethod, rank_method, "rank method"), rank, energy,
                         param_budget, min_rank, max_rank, sv_ratio, sv_cumulative)  # fmt: skip
     options = _options(policy, alpha, svd, dtype)
+    base_loc = resolve(base, role=Role.CHECKPOINT)
+    tuned_loc = resolve(tuned, role=Role.CHECKPOINT)
+    if is_diffusion_checkpoint(base_loc.path) or is_diffusion_checkpoint(tuned_loc.path):
+        _check_diffusion_options(
+            target_modules, layers_to_transform, layers_pattern, save_modules, fan_in_fan_out,
+            uniform_rank, conv_rank, policy,
+        )  # fmt: skip
+        threshold = DEFAULT_TEXT_THRESHOLD if min_te_diff is None else min_te_diff
+        job = _DiffusionJob(base_loc, tuned_loc, out, output_format or "kohya", conv_rank,
+                            threshold)  # fmt: skip
+        return _extract_diffusion(job, policy, options, target_modules, exclude_modules,
+                                  recorded, device, overwrite, progress, started)  # fmt: skip
+    _check_transformers_options(output_format, conv_rank, min_te_diff)
     plan = plan_extraction(
         base, tuned, target_modules=target_modules, exclude_modules=exclude_modules,
         layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,

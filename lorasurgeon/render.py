@@ -107,6 +107,11 @@ def extract_lines(report: ExtractReport) -> list[str]:
         lines.append(f"{report.skipped_equal} selected weights are equal in both and were skipped")
     if report.saved_modules:
         lines.append(f"saved whole: {', '.join(report.saved_modules)}")
+    for te in report.unchanged_text:
+        lines.append(
+            f"text encoder {te['component']} left out as unchanged: {te['modules']} modules, "
+            f"max |tuned - base| {te['max_abs']:.3g} (--min-te-diff)"
+        )
     if report.not_in_adapter:
         share = sum(row["share"] or 0.0 for row in report.not_in_adapter)
         lines.append(

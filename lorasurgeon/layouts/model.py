@@ -45,6 +45,7 @@ class Target:
     module: str  # the base's own dotted path of the module (of its first piece)
     shape: tuple[int, ...]  # the module's weight shape as a LoRA sees it
     pieces: tuple[Piece, ...]
+    name: str = ""  # the dotted module path this entry spells (``module`` or another spelling)
 
 
 @dataclass(frozen=True)

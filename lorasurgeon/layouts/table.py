@@ -3,6 +3,7 @@ the component's own tensor names (spec §2.5). Strings and shapes only."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,9 @@ def build_targets(
             module = path.removesuffix(".weight")
             bias = tensors.get(prefix + module + ".bias")
             piece = Piece(checkpoint, name, info.shape, bias=bias.name if bias else None)
-            _enter(own, mangle(module), Target(Component.UNET, module, info.shape, (piece,)))
+            _enter(
+                own, mangle(module), Target(Component.UNET, module, info.shape, (piece,), module)
+            )
     grouped: dict[str, list[tuple[Alias, TensorInfo]]] = {}
     for alias in aliases:
         native = by_module.get(alias.native + alias.suffix)
@@ -86,12 +89,12 @@ def build_targets(
         plain = pieces[0].weight_rows is None and not pieces[0].transposed
         if len(pieces) == 1 and plain and whole is not None:
             pieces = whole.pieces  # a plain rename: the same tensor, with its bias
-        target = Target(Component.UNET, found[0][0].native, _alias_shape(found), pieces)
+        target = Target(Component.UNET, found[0][0].native, _alias_shape(found), pieces, name)
         _enter(own, mangle(name), target)
     table: dict[tuple[Component, str], Target] = {}
     for component in components:
         for key, target in own.items():
-            table[(component, key)] = Target(component, target.module, target.shape, target.pieces)
+            table[(component, key)] = dataclasses.replace(target, component=component)
     return table
 
 
