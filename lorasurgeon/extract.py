@@ -825,12 +825,9 @@ def extract(
             "the selected weights are equal in both checkpoints; nothing to extract",
             path=plan.tuned.path, hint="is TUNED a fine-tune of BASE?",
         )  # fmt: skip
-    ranks = lowrank.select_ranks(
-        [r.svd for r in results], [r.module.matrix_shape for r in results],
-        method=policy.method, rank=options.rank, energy=policy.energy,
-        param_budget=policy.param_budget, min_rank=policy.min_rank, max_rank=policy.max_rank,
-        sv_ratio=policy.sv_ratio, sv_cumulative=policy.sv_cumulative,
-    )  # fmt: skip
+    ranks = lowrank.select_by_policy(
+        [r.svd for r in results], [r.module.matrix_shape for r in results], policy, options.rank
+    )
     names = [r.module.module for r in results]
     layout = RankLayout.of(dict(zip(names, ranks, strict=True)), alpha=options.alpha,
                            uniform=uniform_rank)  # fmt: skip

@@ -7,8 +7,10 @@ truncated SVD, stored as kohya does it (spec §5.6: ``lora_up = U·S``, ``lora_d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
+import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -406,6 +408,8 @@ def compute_rank(policy: RankPolicy, conv_rank: int | None, m: DiffusionModule) 
     if policy.method is RankMethod.FIXED:
         rank = policy.rank or DEFAULT_FIXED_RANK
         return conv_rank or rank if m.conv else rank
+    if policy.method is RankMethod.SV_CUMULATIVE:
+        return sys.maxsize  # its fraction is of the sum of every singular value
     return policy.max_rank or DEFAULT_MAX_RANK
 
 
@@ -450,8 +454,8 @@ def decompose_modules(
             else:
                 rank = min(compute_rank(policy, conv_rank, m), *delta.shape)
                 found = lowrank.truncated_svd(delta, rank, method=svd, generator=generator)
-                cpu = type(found)(found.u.cpu(), found.s.cpu(), found.vh.cpu(),
-                                  found.total_energy)  # fmt: skip
+                cpu = dataclasses.replace(found, u=found.u.cpu(), s=found.s.cpu(),
+                                          vh=found.vh.cpu())  # fmt: skip
                 yield ExtractedModule(m, cpu, max_abs)
             del delta
             done += sum(i.nbytes for _, i in (*m.base, *m.tuned))
@@ -498,12 +502,8 @@ def select_module_ranks(
     from . import lowrank
 
     def select(group: Sequence[ExtractedModule], rank: int) -> list[int]:
-        return lowrank.select_ranks(
-            [r.svd for r in group], [r.module.matrix_shape for r in group],
-            method=policy.method, rank=rank, energy=policy.energy,
-            param_budget=policy.param_budget, min_rank=policy.min_rank,
-            max_rank=policy.max_rank,
-        )  # fmt: skip
+        shapes = [r.module.matrix_shape for r in group]
+        return lowrank.select_by_policy([r.svd for r in group], shapes, policy, rank)
 
     rank = policy.rank or DEFAULT_FIXED_RANK
     if policy.method is not RankMethod.FIXED:

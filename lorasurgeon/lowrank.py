@@ -18,7 +18,7 @@ import torch
 
 from .errors import OptionError
 from .ops import all_finite
-from .options import RankMethod, SvdMethod
+from .options import RankMethod, RankPolicy, SvdMethod
 from .options import choice as _choice
 
 __all__ = [
@@ -458,6 +458,21 @@ def _check_rank_options(
         raise OptionError(f"energy must be in (0, 1], not {energy}")
     if param_budget is not None and param_budget < 0:
         raise OptionError(f"param_budget must be >= 0, not {param_budget}")
+
+
+def select_by_policy(
+    spectra: Sequence[TruncatedSVD],
+    shapes: Sequence[tuple[int, int]],
+    policy: RankPolicy,
+    rank: int,
+) -> list[int]:
+    """``select_ranks`` with ``policy``'s method and values; ``rank`` is the fixed rank (the
+    command's default when the policy has none)."""
+    return select_ranks(
+        spectra, shapes, method=policy.method, rank=rank, energy=policy.energy,
+        param_budget=policy.param_budget, min_rank=policy.min_rank, max_rank=policy.max_rank,
+        sv_ratio=policy.sv_ratio, sv_cumulative=policy.sv_cumulative,
+    )  # fmt: skip
 
 
 def select_ranks(

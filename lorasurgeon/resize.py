@@ -176,11 +176,7 @@ def _ranks(
             progress(len(modules), 2 * len(modules))
         return [min(m.rank, *_shape(m)) for m in modules]
     spectra = _spectra(opened, files, device, progress)
-    return lowrank.select_ranks(
-        spectra, [_shape(m) for m in modules], method=policy.method, rank=policy.rank or 1,
-        energy=policy.energy, param_budget=policy.param_budget, min_rank=policy.min_rank,
-        max_rank=policy.max_rank, sv_ratio=policy.sv_ratio, sv_cumulative=policy.sv_cumulative,
-    )  # fmt: skip
+    return lowrank.select_by_policy(spectra, [_shape(m) for m in modules], policy, policy.rank or 1)
 
 
 def resize(

@@ -189,14 +189,20 @@ def test_conv_rank_sets_the_rank_of_kxk_convs_only(
     assert 1e-3 < conv.rel_error < 1
 
 
-def test_energy_rank_method_finds_the_planted_ranks(
-    models: dict[str, TinySD], tmp_path: Path
+@pytest.mark.parametrize(
+    "method",
+    [{"rank_method": "energy", "energy": 0.999999},
+     {"rank_method": "sv_ratio", "sv_ratio": 1000.0},
+     {"rank_method": "sv_cumulative", "sv_cumulative": 0.99999}],
+)  # fmt: skip
+def test_rank_methods_find_the_planted_ranks(
+    models: dict[str, TinySD], tmp_path: Path, method: dict[str, object]
 ) -> None:
     model = models["sd1"]
     base = save_ldm(model, tmp_path / "base.safetensors")
     tuned = save_ldm(tuned_model(model), tmp_path / "tuned.safetensors")
-    report = extract(base, tuned, tmp_path / "lora.safetensors", rank_method="energy",
-                     energy=0.999999, max_rank=8, svd="exact")  # fmt: skip
+    report = extract(base, tuned, tmp_path / "lora.safetensors", max_rank=8, svd="exact",
+                     **method)  # type: ignore[arg-type]  # fmt: skip
     ranks = {m.module: m.rank for m in report.modules}
     assert ranks["down_blocks.1.resnets.0.conv1"] == 3
     assert ranks["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"] == 2
