@@ -331,3 +331,111 @@ def test_ray_backend_runs_the_manifest_on_a_local_cluster_like_local_workers(
     lorasurgeon.merge(BASE, [ADAPTER], local / "m", weights=[0.5], device="cpu")
     for name in "mr":
         assert weights(tmp_path / "out" / name) == weights(local / name)
+
+
+class FakeLauncher:
+    """Runs nothing: records when each job starts and stops on a simulated clock, each job
+    taking ``seconds[name]``; ``wait`` finishes the running job that ends first."""
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.seconds = seconds
+        self.now = 0.0
+        self.running: dict[int, tuple[float, batch.Job]] = {}
+        self.spans: dict[str, tuple[float, float]] = {}
+
+    def start(self, key: int, job: batch.Job) -> None:
+        self.running[key] = (self.now + self.seconds[job.name], job)
+        self.spans[job.name] = (self.now, -1.0)
+
+    def wait(self) -> tuple[int, batch.JobResult]:
+        key = min(self.running, key=lambda k: self.running[k][0])
+        self.now, job = self.running.pop(key)
+        self.spans[job.name] = (self.spans[job.name][0], self.now)
+        return key, batch.JobResult(job.name, job.command.value, str(job.output),
+                                    batch.Status.DONE, self.seconds[job.name])  # fmt: skip
+
+
+def _fake_jobs(tmp_path: Path, count: int) -> tuple[batch.Job, ...]:
+    jobs = [dict(JOBS[3], name=f"j{i}", output=f"out/j{i}") for i in range(count)]
+    return lorasurgeon.read_manifest(write_manifest(tmp_path, jobs)).jobs
+
+
+def _peak_use(spans: dict[str, tuple[float, float]], needs: dict[str, int]) -> tuple[int, int]:
+    """The most memory (sum of estimates) and the most jobs running at any instant."""
+    memory = running = 0
+    for t, _ in spans.values():  # the use only grows at a start
+        live = [n for n, (a, b) in spans.items() if a <= t < b]
+        memory, running = max(memory, sum(needs[n] for n in live)), max(running, len(live))
+    return memory, running
+
+
+def test_the_scheduler_never_exceeds_the_memory_budget_nor_the_workers(tmp_path: Path) -> None:
+    from lorasurgeon.runners import run_scheduled
+
+    jobs = _fake_jobs(tmp_path, 12)
+    needs = [3, 5, 2, 7, 1, 4, 4, 6, 2, 3, 5, 1]
+    seconds = {job.name: 1.0 + (i * 7 % 5) for i, job in enumerate(jobs)}
+    launcher = FakeLauncher(seconds)
+    results = run_scheduled(jobs, launcher, workers=3, estimates=needs, budget=10)
+    names = [j.name for j in jobs]
+    assert sorted(r.name for r in results) == sorted(names)
+    memory, running = _peak_use(launcher.spans, dict(zip(names, needs, strict=True)))
+    assert memory <= 10 and running <= 3
+    assert running >= 2  # the budget is used, not one job at a time
+    starts = [launcher.spans[j.name][0] for j in jobs]
+    assert starts == sorted(starts)  # first come, first started: no job is passed over
+
+
+def test_a_job_larger_than_the_budget_runs_alone_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from lorasurgeon.runners import run_scheduled
+
+    jobs = _fake_jobs(tmp_path, 4)
+    needs = [n * 10**6 for n in (4, 25, 4, 4)]
+    launcher = FakeLauncher({job.name: 2.0 for job in jobs})
+    with caplog.at_level("WARNING", logger="lorasurgeon"):
+        results = run_scheduled(jobs, launcher, workers=4, estimates=needs, budget=10**7)
+    assert len(results) == 4
+    big = launcher.spans["j1"]
+    others = [span for name, span in launcher.spans.items() if name != "j1"]
+    assert all(b <= big[0] or a >= big[1] for a, b in others)  # nothing beside it
+    assert launcher.spans["j0"][1] <= big[0] and launcher.spans["j2"][0] >= big[1]
+    assert caplog.messages == ["j1: estimated 25 MB exceeds --memory 10 MB; it runs alone"]
+
+
+@pytest.mark.parametrize("budget", ["330M", "100M"])
+def test_local_workers_under_a_small_budget_run_every_job(tmp_path: Path, budget: str) -> None:
+    """Two worker processes, a budget that holds one fixture job (330M) or none (100M: each
+    runs alone, with a warning): every job is done, nothing waits for ever."""
+    jobs = [dict(JOBS[3], name=f"r{i}", output=f"out/r{i}") for i in range(3)]
+    manifest = write_manifest(tmp_path, jobs)
+    result = run_batch(str(manifest), "--jobs", "2", "--memory", budget, "--results",
+                       str(tmp_path / "r.json"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert set(results(tmp_path / "r.json").values()) == {"done"}
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning: r")]
+    assert len(warnings) == (3 if budget == "100M" else 0), result.output
+
+
+@pytest.mark.parametrize("value", ["lots", "16X", "0", "-2G", ""])
+def test_bad_memory_budgets_are_usage_errors(tmp_path: Path, value: str) -> None:
+    result = run_batch(str(write_manifest(tmp_path, [JOBS[3]])), "--memory", value)
+    assert result.exit_code == 2 and "--memory" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_memory_with_ray_is_a_usage_error(tmp_path: Path) -> None:
+    result = run_batch(str(write_manifest(tmp_path, [JOBS[3]])), "--ray", "auto", "--memory",
+                       "8G")  # fmt: skip
+    assert result.exit_code == 2 and "--memory applies to local workers" in result.output
+
+
+def test_dry_run_prints_each_jobs_memory_estimate(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, JOBS)
+    result = run_batch(str(manifest), "--dry-run")
+    assert result.exit_code == 0
+    for job in lorasurgeon.read_manifest(manifest).jobs:
+        estimate = lorasurgeon.estimate_memory(job)
+        line = next(line for line in result.output.splitlines() if line.startswith(job.name))
+        assert f"peak memory <= {estimate / 1e6:.0f} MB" in line
