@@ -439,3 +439,122 @@ def test_dry_run_prints_each_jobs_memory_estimate(tmp_path: Path) -> None:
         estimate = lorasurgeon.estimate_memory(job)
         line = next(line for line in result.output.splitlines() if line.startswith(job.name))
         assert f"peak memory <= {estimate / 1e6:.0f} MB" in line
+
+
+class FakeRay:
+    """The few Ray calls ``run_ray`` makes, in this process: records each task's resource
+    request and returns a finished result for it."""
+
+    def __init__(self, nodes: list[dict[str, Any]]) -> None:
+        self._nodes = nodes
+        self.requests: list[dict[str, Any]] = []
+
+    def init(self, **kwargs: Any) -> None:
+        pass
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return self._nodes
+
+    def remote(self, **defaults: Any) -> Any:
+        fake = self
+
+        def wrap(function: Any) -> Any:
+            class Task:
+                def options(self, **request: Any) -> Any:
+                    fake.requests.append({**defaults, **request})
+
+                    class Submit:
+                        def remote(self, job: batch.Job) -> batch.JobResult:
+                            return batch.JobResult(job.name, job.command.value, str(job.output),
+                                                   batch.Status.DONE, 0.0)  # fmt: skip
+
+                    return Submit()
+
+            return Task()
+
+        return wrap
+
+    def wait(self, refs: list[Any], num_returns: int) -> tuple[list[Any], list[Any]]:
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref: Any) -> Any:
+        return ref
+
+    def cancel(self, ref: Any) -> None:
+        pass
+
+
+RAY_JOBS = [JOBS[0], dict(JOBS[1], device="cuda"), JOBS[3]]
+
+
+def test_ray_tasks_request_the_memory_estimate_and_a_gpu_for_cuda_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeRay([{"Alive": True, "Resources": {"CPU": 4.0, "memory": 8e9, "GPU": 1.0}}])
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    jobs = lorasurgeon.read_manifest(write_manifest(tmp_path, RAY_JOBS)).jobs
+    done = lorasurgeon.run_ray(jobs, "auto")
+    assert [r.status.value for r in done] == ["done"] * 3
+    assert fake.requests == [
+        {"num_cpus": 1, "max_retries": 3, "memory": lorasurgeon.estimate_memory(job),
+         "num_gpus": 1 if job.name == "x" else 0} for job in jobs
+    ]  # fmt: skip
+
+
+def test_ray_jobs_no_node_can_hold_fail_at_once_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = {"Alive": False, "Resources": {"CPU": 4.0, "memory": 1e12, "GPU": 8.0}}
+    fake = FakeRay([{"Alive": True, "Resources": {"CPU": 4.0, "memory": 1e8}}, dead])
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    jobs = lorasurgeon.read_manifest(write_manifest(tmp_path, RAY_JOBS)).jobs
+    done = lorasurgeon.run_ray(jobs, "auto")
+    assert fake.requests == []
+    assert [r.status.value for r in done] == ["failed"] * 3
+    errors = [r.error or "" for r in done]
+    assert "no node of the Ray cluster has a GPU" in errors[1]
+    for error, job in zip(errors[::2], jobs[::2], strict=True):
+        estimate = lorasurgeon.estimate_memory(job) / 1e6
+        assert error == (f"error: {job.output}: not schedulable on Ray: its estimated peak "
+                         f"memory {estimate:.0f} MB exceeds every Ray node's memory (largest: "
+                         "100 MB); give the cluster larger nodes, or run it with local "
+                         "workers")  # fmt: skip
+
+
+def test_ray_cluster_refuses_what_no_node_holds_instead_of_waiting(tmp_path: Path) -> None:
+    """A real local cluster whose one node offers 200 MB of memory: the fixture jobs (estimated
+    above it) fail at once, naming the reason, and the batch exits 1 instead of hanging."""
+    if not _has_ray():
+        pytest.skip("Ray is not installed (pip install 'lorasurgeon[ray]')")
+    env, cli_ray = _ray_env()
+    port = "6393"
+    subprocess.run([*cli_ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                    "--dashboard-host=127.0.0.1", "--include-dashboard=false", "--num-cpus=2",
+                    "--memory=200000000", "--disable-usage-stats"], env=env, check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    try:
+        manifest = write_manifest(tmp_path, RAY_JOBS)
+        result = subprocess.run(
+            [sys.executable, "-m", "lorasurgeon", "batch", str(manifest), "--ray",
+             f"127.0.0.1:{port}", "--results", str(tmp_path / "r.json")],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        subprocess.run([*cli_ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    jobs = json.loads((tmp_path / "r.json").read_text())["jobs"]
+    assert [j["status"] for j in jobs] == ["failed"] * 3
+    assert "exceeds every Ray node's memory (largest: 200 MB)" in jobs[0]["error"]
+    assert "no node of the Ray cluster has a GPU" in jobs[1]["error"]
+    assert not (tmp_path / "out").exists()
+
+
+def _ray_env() -> tuple[dict[str, str], list[str]]:
+    """The environment and ``ray`` command line of the Ray tests: Ray importable by the
+    batch's subprocess, and kept on 127.0.0.1."""
+    import ray
+
+    extra = os.path.dirname(os.path.dirname(ray.__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), extra]),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # fmt: skip
+    return env, [sys.executable, "-m", "ray.scripts.scripts"]
