@@ -533,6 +533,11 @@ def test_ray_cluster_refuses_what_no_node_holds_instead_of_waiting(tmp_path: Pat
                     "--memory=200000000", "--disable-usage-stats"], env=env, check=True,
                    capture_output=True, timeout=300)  # fmt: skip
     try:
+        pids = {int(p) for p in subprocess.run(["pgrep", "-f", "ray"], capture_output=True,
+                                               text=True).stdout.split()}  # fmt: skip
+        addresses = _listeners(pids)
+        loopback = ("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")
+        assert addresses and all(a.startswith(loopback) for a in addresses), addresses
         manifest = write_manifest(tmp_path, RAY_JOBS)
         result = subprocess.run(
             [sys.executable, "-m", "lorasurgeon", "batch", str(manifest), "--ray",
