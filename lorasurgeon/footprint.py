@@ -4,7 +4,7 @@
 An estimate bounds the peak resident memory (RSS) of the job run alone in a fresh process:
 the interpreter with torch, plus the buffers and float32/float64 work the command holds at its
 worst tensor. No tensor is read and torch is not imported here. Host memory only: memory on a
-GPU is not counted.
+GPU is not counted, nor the host memory of a CUDA context (not measured: no GPU here).
 """
 
 from __future__ import annotations
@@ -19,7 +19,15 @@ from typing import Any
 from .batch import Command, Job
 from .errors import LorasurgeonError
 
-__all__ = ["PROCESS_BYTES", "available_memory", "estimate_memory", "parse_memory"]
+__all__ = [
+    "PROCESS_BYTES",
+    "available_memory",
+    "describe",
+    "estimate_memory",
+    "exact_svd_bytes",
+    "fits",
+    "parse_memory",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +57,7 @@ _OVERSAMPLE = 10
 # modules of at most 123k factor elements) peaks 19-32 MB above the bare process, more than its
 # largest module explains; combine --svd of three 25 MB bf16 adapters 7 MB above it.
 _FACTOR_BYTES = 24
-_PRUNE_COPIES = 6
+_PRUNE_COPIES = 8
 # `auto`: what the kernel says is available, less a margin for the batch process itself,
 # the page cache the jobs stream through, and other programs.
 _AUTO_MARGIN = 0.1
@@ -59,11 +67,9 @@ _AUTO_MARGIN_MIN = 512 * 2**20
 def estimate_memory(job: Job) -> int:
     """An upper bound of ``job``'s peak resident memory in bytes, from its inputs' headers.
 
-    A job whose inputs cannot be planned is estimated as the bare process: it fails at the same
-    planning step when it runs, before any tensor is read.
-
-    Raises:
-        LocationError: an input cannot be resolved (a Hub id that is not cached, offline).
+    A job whose inputs cannot be resolved or planned is estimated as the bare process: it fails
+    at the same step when it runs, before any tensor is read. ``device: auto`` is counted as a
+    GPU may take it (whole float32 copies in host memory on the way).
     """
     estimators: dict[Command, Callable[[Job], int]] = {
         Command.MERGE: _estimate_merge, Command.EXTRACT: _estimate_extract,
@@ -181,8 +187,8 @@ def _estimate_adapters(job: Job) -> int:
     if job.command is Command.COMBINE and job.options.get("svd") and pruned:
         # each input's dense delta and, while pruning and electing signs, their magnitudes,
         # masks, signs and stack: measured, ties --svd of two adapters on a 2816x1024 module
-        # peaks 290 MB above the bare process, 25 float32 copies of the matrix; with the exact
-        # SVD's workspace (7 copies) 6·(n + 1) + 7 = 25 covers it.
+        # peaks 290 MB above the bare process, 25 float32 copies of the matrix; counted as
+        # 8·(n + 1) = 24 copies plus the exact SVD's workspace (4.2 copies at that shape).
         copies = _PRUNE_COPIES * (len(job.inputs) + 1)
         data += max(copies * _f32(r * c) + exact_svd_bytes(r, c) for r, c in shapes.values())
     return data

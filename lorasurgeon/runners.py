@@ -159,11 +159,7 @@ def run_local(
     finish. With ``memory`` (bytes), a job starts only when its estimated peak memory and the
     running jobs' fit in it (``footprint.estimate_memory``; one larger than all of it runs
     alone). With ``fail_fast`` nothing new starts after a failure. An interrupt (Ctrl-C,
-    SIGTERM) stops the workers, which clean up like a single run, and passes through.
-
-    Raises:
-        LocationError: with ``memory``, an input cannot be resolved to estimate its job.
-    """
+    SIGTERM) stops the workers, which clean up like a single run, and passes through."""
     estimates = None
     if memory is not None:
         from .footprint import estimate_memory
@@ -194,11 +190,7 @@ def run_local(
 def ray_resources(job: Job) -> dict[str, int]:
     """What ``job``'s Ray task requests besides its CPU: ``memory``, its estimated peak in bytes,
     and ``num_gpus``, 1 for a job that asks for a CUDA device (``device: cuda`` or
-    ``cuda:N``), else 0.
-
-    Raises:
-        LocationError: an input cannot be resolved to estimate the job.
-    """
+    ``cuda:N``), else 0."""
     from .footprint import estimate_memory
 
     device = str(job.options.get("device", "auto"))
@@ -232,7 +224,6 @@ def run_ray(
 
     Raises:
         OptionError: Ray is not installed.
-        LocationError: an input cannot be resolved to estimate its job.
     """
     try:
         import ray

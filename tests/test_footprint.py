@@ -50,11 +50,11 @@ def measured_peak(manifest: Path, index: int) -> int:
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A one-layer Llama wide enough (MLP 2816x1024 float32, 11.5 MB) that the jobs' own work
+    """A one-layer Llama wide enough (MLP 2048x768 float32, 6.3 MB) that the jobs' own work
     outweighs the interpreter's noise: base, tuned (base plus a rank-8 change) and an adapter
     on the MLP's up and down projections."""
     root = tmp_path_factory.mktemp("wide")
-    model = _tiny_llama(seed=5, hidden_size=1024, intermediate_size=2816, num_hidden_layers=1,
+    model = _tiny_llama(seed=5, hidden_size=768, intermediate_size=2048, num_hidden_layers=1,
                         num_attention_heads=8, num_key_value_heads=8)  # fmt: skip
     base = _save_hf(model, root / "base")
     tuned = _save_hf(model, root / "tuned")
