@@ -165,17 +165,15 @@ def run_local(
         from .footprint import estimate_memory
 
         estimates = [estimate_memory(job) for job in jobs]
-    schedule = functools.partial(
-        run_scheduled, jobs, workers=workers, estimates=estimates, budget=memory,
-        fail_fast=fail_fast, on_result=on_result,
-    )  # fmt: skip
-    if workers <= 1 or len(jobs) <= 1:
-        return schedule(_InProcess())
-    from .footprint import PROCESS_BYTES
-
     # An idle worker keeps the interpreter and torch it imported: no more workers than the
     # budget holds bare processes.
-    size = min(workers, len(jobs), max(1, memory // PROCESS_BYTES) if memory else workers)
+    size = min(workers, len(jobs), _processes(memory) if memory is not None else workers)
+    schedule = functools.partial(
+        run_scheduled, jobs, workers=max(size, 1), estimates=estimates, budget=memory,
+        fail_fast=fail_fast, on_result=on_result,
+    )  # fmt: skip
+    if size <= 1:
+        return schedule(_InProcess())
     context = multiprocessing.get_context("spawn")  # no fork of a process holding threads
     counter = context.Value("i", 0)
     pool = context.Pool(size, initializer=_init_worker,
@@ -185,6 +183,12 @@ def run_local(
     finally:
         pool.terminate()  # SIGTERM: a worker mid-job cleans up as a single run does
         pool.join()
+
+
+def _processes(memory: int) -> int:
+    from .footprint import PROCESS_BYTES
+
+    return max(1, memory // PROCESS_BYTES)
 
 
 def ray_resources(job: Job) -> dict[str, int]:

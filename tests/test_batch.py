@@ -404,10 +404,11 @@ def test_a_job_larger_than_the_budget_runs_alone_with_a_warning(
     assert caplog.messages == ["j1: estimated 25 MB exceeds --memory 10 MB; it runs alone"]
 
 
-@pytest.mark.parametrize("budget", ["330M", "100M"])
+@pytest.mark.parametrize("budget", ["700M", "330M", "100M"])
 def test_local_workers_under_a_small_budget_run_every_job(tmp_path: Path, budget: str) -> None:
-    """Two worker processes, a budget that holds one fixture job (330M) or none (100M: each
-    runs alone, with a warning): every job is done, nothing waits for ever."""
+    """--jobs 2 with a budget that holds two fixture jobs (700M: two worker processes), one
+    (330M: one at a time) or none (100M: each runs alone, with a warning): every job is done,
+    nothing waits for ever."""
     jobs = [dict(JOBS[3], name=f"r{i}", output=f"out/r{i}") for i in range(3)]
     manifest = write_manifest(tmp_path, jobs)
     result = run_batch(str(manifest), "--jobs", "2", "--memory", budget, "--results",
