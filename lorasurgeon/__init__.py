@@ -29,6 +29,7 @@ from .errors import (
     OutputError,
 )
 from .extract import ExtractPlan, ExtractReport, extract, plan_extraction
+from .footprint import estimate_memory, parse_memory
 from .formats.write import OutputFormat
 from .merge import MergePlan, MergeReport, merge, plan_merge
 from .options import (
@@ -42,7 +43,7 @@ from .options import (
 from .plot import check_plot_path, plot_diff, plot_extract
 from .reader import Checkpoint, TensorInfo, open_checkpoint
 from .resize import ResizeReport, resize
-from .runners import run_local, run_ray
+from .runners import ray_resources, run_local, run_ray
 from .summary import Summary, summarize
 from .verify import Mismatch, VerifyReport, verify
 from .writer import parse_size
@@ -91,11 +92,13 @@ __all__ = [
     "combine",
     "convert",
     "diff",
+    "estimate_memory",
     "extract",
     "handle_signals",
     "is_done",
     "merge",
     "open_checkpoint",
+    "parse_memory",
     "parse_size",
     "plan_combine",
     "plan_extraction",
@@ -104,6 +107,7 @@ __all__ = [
     "plot_extract",
     "read_manifest",
     "resize",
+    "ray_resources",
     "run_local",
     "run_ray",
     "shard_jobs",

@@ -178,11 +178,18 @@ def batch_table(results: Sequence[JobResult], not_run: int = 0) -> list[str]:
     return lines
 
 
-def batch_plan_lines(jobs: Sequence[Job], done: Sequence[bool]) -> list[str]:
-    """What ``batch --dry-run`` prints: each job, its inputs and output, run or skip."""
+def batch_plan_lines(
+    jobs: Sequence[Job], done: Sequence[bool], estimates: Sequence[int] | None = None
+) -> list[str]:
+    """What ``batch --dry-run`` prints: each job, its inputs and output, run or skip, and its
+    estimated peak memory (bytes)."""
+    from .footprint import describe
+
     lines = []
-    for job, finished in zip(jobs, done, strict=True):
+    for i, (job, finished) in enumerate(zip(jobs, done, strict=True)):
         action = "skip (done)" if finished else "run"
+        if estimates is not None:
+            action += f", peak memory <= {describe(estimates[i])}"
         lines.append(f"{job.name}: {job.command.value} {' '.join(job.inputs)} -> {job.output}"
                      f"  [{action}]")  # fmt: skip
     lines.append(f"{len(jobs)} jobs: {sum(done)} done, {len(jobs) - sum(done)} to run")

@@ -336,3 +336,236 @@ def test_ray_backend_runs_the_manifest_on_a_local_cluster_like_local_workers(
     lorasurgeon.merge(BASE, [ADAPTER], local / "m", weights=[0.5], device="cpu")
     for name in "mr":
         assert weights(tmp_path / "out" / name) == weights(local / name)
+
+
+class FakeLauncher:
+    """Runs nothing: records when each job starts and stops on a simulated clock, each job
+    taking ``seconds[name]``; ``wait`` finishes the running job that ends first."""
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.seconds = seconds
+        self.now = 0.0
+        self.running: dict[int, tuple[float, batch.Job]] = {}
+        self.spans: dict[str, tuple[float, float]] = {}
+
+    def start(self, key: int, job: batch.Job) -> None:
+        self.running[key] = (self.now + self.seconds[job.name], job)
+        self.spans[job.name] = (self.now, -1.0)
+
+    def wait(self) -> tuple[int, batch.JobResult]:
+        key = min(self.running, key=lambda k: self.running[k][0])
+        self.now, job = self.running.pop(key)
+        self.spans[job.name] = (self.spans[job.name][0], self.now)
+        return key, batch.JobResult(job.name, job.command.value, str(job.output),
+                                    batch.Status.DONE, self.seconds[job.name])  # fmt: skip
+
+
+def _fake_jobs(tmp_path: Path, count: int) -> tuple[batch.Job, ...]:
+    jobs = [dict(JOBS[3], name=f"j{i}", output=f"out/j{i}") for i in range(count)]
+    return lorasurgeon.read_manifest(write_manifest(tmp_path, jobs)).jobs
+
+
+def _peak_use(spans: dict[str, tuple[float, float]], needs: dict[str, int]) -> tuple[int, int]:
+    """The most memory (sum of estimates) and the most jobs running at any instant."""
+    memory = running = 0
+    for t, _ in spans.values():  # the use only grows at a start
+        live = [n for n, (a, b) in spans.items() if a <= t < b]
+        memory, running = max(memory, sum(needs[n] for n in live)), max(running, len(live))
+    return memory, running
+
+
+def test_the_scheduler_never_exceeds_the_memory_budget_nor_the_workers(tmp_path: Path) -> None:
+    from lorasurgeon.runners import run_scheduled
+
+    jobs = _fake_jobs(tmp_path, 12)
+    needs = [3, 5, 2, 7, 1, 4, 4, 6, 2, 3, 5, 1]
+    seconds = {job.name: 1.0 + (i * 7 % 5) for i, job in enumerate(jobs)}
+    launcher = FakeLauncher(seconds)
+    results = run_scheduled(jobs, launcher, workers=3, estimates=needs, budget=10)
+    names = [j.name for j in jobs]
+    assert sorted(r.name for r in results) == sorted(names)
+    memory, running = _peak_use(launcher.spans, dict(zip(names, needs, strict=True)))
+    assert memory <= 10 and running <= 3
+    assert running >= 2  # the budget is used, not one job at a time
+    starts = [launcher.spans[j.name][0] for j in jobs]
+    assert starts == sorted(starts)  # first come, first started: no job is passed over
+
+
+def test_a_job_larger_than_the_budget_runs_alone_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from lorasurgeon.runners import run_scheduled
+
+    jobs = _fake_jobs(tmp_path, 4)
+    needs = [n * 10**6 for n in (4, 25, 4, 4)]
+    launcher = FakeLauncher({job.name: 2.0 for job in jobs})
+    with caplog.at_level("WARNING", logger="lorasurgeon"):
+        results = run_scheduled(jobs, launcher, workers=4, estimates=needs, budget=10**7)
+    assert len(results) == 4
+    big = launcher.spans["j1"]
+    others = [span for name, span in launcher.spans.items() if name != "j1"]
+    assert all(b <= big[0] or a >= big[1] for a, b in others)  # nothing beside it
+    assert launcher.spans["j0"][1] <= big[0] and launcher.spans["j2"][0] >= big[1]
+    assert caplog.messages == ["j1: estimated 25 MB exceeds --memory 10 MB; it runs alone"]
+
+
+@pytest.mark.parametrize("budget", ["700M", "330M", "100M"])
+def test_local_workers_under_a_small_budget_run_every_job(tmp_path: Path, budget: str) -> None:
+    """--jobs 2 with a budget that holds two fixture jobs (700M: two worker processes), one
+    (330M: one at a time) or none (100M: each runs alone, with a warning): every job is done,
+    nothing waits for ever."""
+    jobs = [dict(JOBS[3], name=f"r{i}", output=f"out/r{i}") for i in range(3)]
+    manifest = write_manifest(tmp_path, jobs)
+    result = run_batch(str(manifest), "--jobs", "2", "--memory", budget, "--results",
+                       str(tmp_path / "r.json"))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert set(results(tmp_path / "r.json").values()) == {"done"}
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning: r")]
+    assert len(warnings) == (3 if budget == "100M" else 0), result.output
+
+
+@pytest.mark.parametrize("value", ["lots", "16X", "0", "-2G", ""])
+def test_bad_memory_budgets_are_usage_errors(tmp_path: Path, value: str) -> None:
+    result = run_batch(str(write_manifest(tmp_path, [JOBS[3]])), "--memory", value)
+    assert result.exit_code == 2 and "--memory" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_memory_with_ray_is_a_usage_error(tmp_path: Path) -> None:
+    result = run_batch(str(write_manifest(tmp_path, [JOBS[3]])), "--ray", "auto", "--memory",
+                       "8G")  # fmt: skip
+    assert result.exit_code == 2 and "--memory applies to local workers" in result.output
+
+
+def test_dry_run_prints_each_jobs_memory_estimate(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, JOBS)
+    result = run_batch(str(manifest), "--dry-run")
+    assert result.exit_code == 0
+    for job in lorasurgeon.read_manifest(manifest).jobs:
+        estimate = lorasurgeon.estimate_memory(job)
+        line = next(line for line in result.output.splitlines() if line.startswith(job.name))
+        assert f"peak memory <= {estimate / 1e6:.0f} MB" in line
+
+
+class FakeRay:
+    """The few Ray calls ``run_ray`` makes, in this process: records each task's resource
+    request and returns a finished result for it."""
+
+    def __init__(self, nodes: list[dict[str, Any]]) -> None:
+        self._nodes = nodes
+        self.requests: list[dict[str, Any]] = []
+
+    def init(self, **kwargs: Any) -> None:
+        pass
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return self._nodes
+
+    def remote(self, **defaults: Any) -> Any:
+        fake = self
+
+        def wrap(function: Any) -> Any:
+            class Task:
+                def options(self, **request: Any) -> Any:
+                    fake.requests.append({**defaults, **request})
+
+                    class Submit:
+                        def remote(self, job: batch.Job) -> batch.JobResult:
+                            return batch.JobResult(job.name, job.command.value, str(job.output),
+                                                   batch.Status.DONE, 0.0)  # fmt: skip
+
+                    return Submit()
+
+            return Task()
+
+        return wrap
+
+    def wait(self, refs: list[Any], num_returns: int) -> tuple[list[Any], list[Any]]:
+        return refs[:num_returns], refs[num_returns:]
+
+    def get(self, ref: Any) -> Any:
+        return ref
+
+    def cancel(self, ref: Any) -> None:
+        pass
+
+
+RAY_JOBS = [JOBS[0], dict(JOBS[1], device="cuda"), JOBS[3]]
+
+
+def test_ray_tasks_request_the_memory_estimate_and_a_gpu_for_cuda_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeRay([{"Alive": True, "Resources": {"CPU": 4.0, "memory": 8e9, "GPU": 1.0}}])
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    jobs = lorasurgeon.read_manifest(write_manifest(tmp_path, RAY_JOBS)).jobs
+    done = lorasurgeon.run_ray(jobs, "auto")
+    assert [r.status.value for r in done] == ["done"] * 3
+    assert fake.requests == [
+        {"num_cpus": 1, "max_retries": 3, "memory": lorasurgeon.estimate_memory(job),
+         "num_gpus": 1 if job.name == "x" else 0} for job in jobs
+    ]  # fmt: skip
+
+
+def test_ray_jobs_no_node_can_hold_fail_at_once_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = {"Alive": False, "Resources": {"CPU": 4.0, "memory": 1e12, "GPU": 8.0}}
+    fake = FakeRay([{"Alive": True, "Resources": {"CPU": 4.0, "memory": 1e8}}, dead])
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    jobs = lorasurgeon.read_manifest(write_manifest(tmp_path, RAY_JOBS)).jobs
+    done = lorasurgeon.run_ray(jobs, "auto")
+    assert fake.requests == []
+    assert [r.status.value for r in done] == ["failed"] * 3
+    errors = [r.error or "" for r in done]
+    assert "no node of the Ray cluster has a GPU" in errors[1]
+    for error, job in zip(errors[::2], jobs[::2], strict=True):
+        estimate = lorasurgeon.estimate_memory(job) / 1e6
+        assert error == (f"error: {job.output}: not schedulable on Ray: its estimated peak "
+                         f"memory {estimate:.0f} MB exceeds every Ray node's memory (largest: "
+                         "100 MB); give the cluster larger nodes, or run it with local "
+                         "workers")  # fmt: skip
+
+
+def test_ray_cluster_refuses_what_no_node_holds_instead_of_waiting(tmp_path: Path) -> None:
+    """A real local cluster whose one node offers 200 MB of memory: the fixture jobs (estimated
+    above it) fail at once, naming the reason, and the batch exits 1 instead of hanging."""
+    if not _has_ray():
+        pytest.skip("Ray is not installed (pip install 'lorasurgeon[ray]')")
+    env, cli_ray = _ray_env()
+    port = "6393"
+    subprocess.run([*cli_ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                    "--dashboard-host=127.0.0.1", "--include-dashboard=false", "--num-cpus=2",
+                    "--memory=200000000", "--disable-usage-stats"], env=env, check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    try:
+        pids = {int(p) for p in subprocess.run(["pgrep", "-f", "ray"], capture_output=True,
+                                               text=True).stdout.split()}  # fmt: skip
+        addresses = _listeners(pids)
+        loopback = ("127.0.0.1:", "[::1]:", "[::ffff:127.0.0.1]:")
+        assert addresses and all(a.startswith(loopback) for a in addresses), addresses
+        manifest = write_manifest(tmp_path, RAY_JOBS)
+        result = subprocess.run(
+            [sys.executable, "-m", "lorasurgeon", "batch", str(manifest), "--ray",
+             f"127.0.0.1:{port}", "--results", str(tmp_path / "r.json")],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        subprocess.run([*cli_ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    jobs = json.loads((tmp_path / "r.json").read_text())["jobs"]
+    assert [j["status"] for j in jobs] == ["failed"] * 3
+    assert "exceeds every Ray node's memory (largest: 200 MB)" in jobs[0]["error"]
+    assert "no node of the Ray cluster has a GPU" in jobs[1]["error"]
+    assert not (tmp_path / "out").exists()
+
+
+def _ray_env() -> tuple[dict[str, str], list[str]]:
+    """The environment and ``ray`` command line of the Ray tests: Ray importable by the
+    batch's subprocess, and kept on 127.0.0.1."""
+    import ray
+
+    extra = os.path.dirname(os.path.dirname(ray.__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), extra]),
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # fmt: skip
+    return env, [sys.executable, "-m", "ray.scripts.scripts"]
