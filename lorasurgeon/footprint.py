@@ -47,6 +47,8 @@ _MERGE_DENSE_COPIES = 3
 # tensor, one float32 work matrix, the SVD's workspace, and every module's factors kept until
 # the ranks are chosen. Measured: see _estimate_extract.
 _EXTRACT_BUFFERS = 6
+# Inputs under this size (LoRA files) are counted as held whole by the header-based estimate.
+_SMALL_INPUT = 2 * 10**9
 # randomized SVD (lowrank.py): Ω, Q, the products and the float64 Rayleigh-Ritz basis, each
 # (rows or columns) x (rank + oversample); counted as 8 such float64 matrices on both sides.
 _RANDOMIZED_COPIES = 8
@@ -75,11 +77,40 @@ def estimate_memory(job: Job) -> int:
         Command.MERGE: _estimate_merge, Command.EXTRACT: _estimate_extract,
         Command.COMBINE: _estimate_adapters, Command.RESIZE: _estimate_adapters,
     }  # fmt: skip
+    estimator = estimators.get(job.command)
     try:
-        return PROCESS_BYTES + estimators[job.command](job)
+        if estimator is not None:
+            return PROCESS_BYTES + estimator(job)
+    except LorasurgeonError as e:  # e.g. diffusion inputs, which these plans do not read
+        logger.debug("%s: %s; estimated from the inputs' headers", job.name, e)
+    try:
+        return PROCESS_BYTES + _estimate_from_headers(job)
     except LorasurgeonError as e:
         logger.debug("%s: no estimate (%s); the job will fail as it plans", job.name, e)
         return PROCESS_BYTES
+
+
+def _estimate_from_headers(job: Job) -> int:
+    """The commands and inputs without a plan-based estimate (convert; diffusion LoRA files and
+    checkpoints in extract, combine and resize), which all work one module at a time: the LoRA
+    files (inputs under 2 GB) held whole twice, plus for the largest tensor of any input its
+    stored copies, float32 copies and an exact SVD's workspace. Deliberately generous."""
+    from .locations import Role, resolve
+    from .reader import open_checkpoint
+
+    small, largest, widest = 0, 0, (0, 0)
+    for text in job.inputs:
+        path = resolve(text, role=Role.ANY).path
+        files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
+        for file in files:
+            with open_checkpoint(file) as checkpoint:
+                size = sum(info.nbytes for info in checkpoint)
+                small += 2 * size if size < _SMALL_INPUT else 0
+                for info in checkpoint:
+                    largest = max(largest, info.numel)
+                    if len(info.shape) >= 2 and info.numel > widest[0] * widest[1]:
+                        widest = (info.shape[0], info.numel // info.shape[0])
+    return small + _EXTRACT_BUFFERS * _f32(largest) + exact_svd_bytes(*widest)
 
 
 def _keywords(function: Callable[..., Any], options: Mapping[str, Any]) -> dict[str, Any]:

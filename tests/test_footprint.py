@@ -142,3 +142,43 @@ def test_bad_memory_budgets_are_refused(text: str) -> None:
 
 def test_the_available_memory_is_read_here() -> None:
     assert 0 < footprint.available_memory()
+
+
+@pytest.fixture(scope="module")
+def diffusion(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A tiny SD1 LDM file, a tuned copy and a kohya LoRA on its modules."""
+    from .sd_models import save_ldm, sd_kohya_modules, tiny_sd, write_kohya
+    from .test_extract_diffusion import tuned_model
+
+    root = tmp_path_factory.mktemp("sd")
+    model = tiny_sd("sd1")
+    return {
+        "base": str(save_ldm(model, root / "base.safetensors")),
+        "tuned": str(save_ldm(tuned_model(model), root / "tuned.safetensors")),
+        "lora": str(write_kohya(root / "lora.safetensors", sd_kohya_modules(model))),
+    }
+
+
+DIFFUSION_IDS = ["merge", "extract", "convert", "resize", "combine"]
+
+
+@pytest.mark.parametrize("index", range(len(DIFFUSION_IDS)), ids=DIFFUSION_IDS)
+def test_estimates_bound_the_measured_peaks_of_diffusion_jobs(
+    tmp_path: Path, diffusion: dict[str, str], index: int
+) -> None:
+    """Diffusion inputs, which the plan-based estimates do not read, and convert jobs, which
+    have none, are estimated from the inputs' headers."""
+    base, tuned, lora = diffusion["base"], diffusion["tuned"], diffusion["lora"]
+    jobs = [
+        {"name": "m", "command": "merge", "inputs": [base, lora], "output": "m.safetensors",
+         "device": "cpu"},
+        {"name": "x", "command": "extract", "inputs": [base, tuned], "output": "x.safetensors",
+         "device": "cpu", "rank": 4},
+        {"name": "c", "command": "convert", "inputs": [lora], "output": "c.safetensors",
+         "to": "diffusers", "base": base},
+        {"name": "r", "command": "resize", "inputs": [lora], "output": "r.safetensors",
+         "rank": 2},
+        {"name": "k", "command": "combine", "inputs": [lora, lora], "output": "k.safetensors",
+         "svd": True, "rank": 4},
+    ]  # fmt: skip
+    _check(write_manifest(tmp_path, jobs), index)
