@@ -149,7 +149,10 @@ class CombineReport:
 
 
 @dataclass(frozen=True)
-class _Options:
+class CombineSettings:
+    """The checked values of a combine: method, SVD, weights, rank, clamp, density, sign
+    method and output dtype code."""
+
     method: CombineMethod
     svd: bool
     weights: tuple[float, ...]
@@ -162,7 +165,7 @@ class _Options:
 
 def _options(
     count: int, weights: Sequence[float] | None, spec: CombineOptions, dtype: str
-) -> _Options:
+) -> CombineSettings:
     if count < 1:
         raise OptionError("give at least one adapter")
     values = tuple(float(w) for w in weights) if weights else (1.0,) * count
@@ -176,8 +179,8 @@ def _options(
             "or more", hint="use `lorasurgeon resize` to change its rank",
         )  # fmt: skip
     code = DType.code_of(dtype)
-    return _Options(spec.method, spec.svd, values, spec.rank, spec.clamp, spec.density or 1.0,
-                    spec.sign, code)  # fmt: skip
+    return CombineSettings(spec.method, spec.svd, values, spec.rank, spec.clamp,
+                           spec.density or 1.0, spec.sign, code)  # fmt: skip
 
 
 def _natural_key(module: str) -> list[Any]:
@@ -201,7 +204,7 @@ def _check_shapes(module: str, sources: Sequence[Source], adapters: Sequence[Ada
 
 
 def _output_rank(
-    module: str, sources: Sequence[Source], options: _Options, shape: tuple[int, int],
+    module: str, sources: Sequence[Source], options: CombineSettings, shape: tuple[int, int],
     svd_rank: int, adapters: Sequence[Adapter],
 ) -> int:  # fmt: skip
     ranks = [s.lora.rank for s in sources]
@@ -220,7 +223,7 @@ def _output_rank(
     return ranks[0]
 
 
-def _plan_modules(adapters: Sequence[Adapter], options: _Options) -> list[PlannedModule]:
+def _plan_modules(adapters: Sequence[Adapter], options: CombineSettings) -> list[PlannedModule]:
     names = sorted({m for a in adapters for m in a.modules}, key=_natural_key)
     # PEFT's default svd rank: the largest rank any input may hold (r and rank_pattern values)
     svd_rank = options.rank or max(
@@ -308,7 +311,7 @@ def _config(
     return config
 
 
-def _notes(adapters: Sequence[Adapter], options: _Options, count: int) -> list[str]:
+def _notes(adapters: Sequence[Adapter], options: CombineSettings, count: int) -> list[str]:
     notes = []
     if count == 1:
         notes.append("one adapter: it is scaled by its weight (PEFT's linear); to change its "
@@ -374,7 +377,7 @@ def plan_combine(
 
 
 @dataclass
-class _Factors:
+class ModuleFactors:
     """A source's factors on the device, float32, as stored (conv shapes kept)."""
 
     a: torch.Tensor
@@ -407,7 +410,7 @@ def _masks(
 
 
 def _factor_wise(
-    plan: CombinePlan, m: PlannedModule, factors: Sequence[_Factors], masks: MaskSource | None,
+    plan: CombinePlan, m: PlannedModule, factors: Sequence[ModuleFactors], masks: MaskSource | None,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """PEFT's factor-wise methods: A and B merged separately with weights ±sqrt(|c_i|)."""
@@ -426,7 +429,7 @@ def _factor_wise(
 
 
 def _svd_factors(
-    plan: CombinePlan, m: PlannedModule, factors: Sequence[_Factors], masks: MaskSource | None,
+    plan: CombinePlan, m: PlannedModule, factors: Sequence[ModuleFactors], masks: MaskSource | None,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """PEFT's ``_svd`` variants: the rank-k truncated SVD of the combined delta, all singular
@@ -455,8 +458,8 @@ def _svd_factors(
                                                             *first.b.shape[2:])  # fmt: skip
 
 
-def _combine_module(
-    plan: CombinePlan, m: PlannedModule, factors: Sequence[_Factors], masks: MaskSource | None,
+def combine_module(
+    plan: CombinePlan, m: PlannedModule, factors: Sequence[ModuleFactors], masks: MaskSource | None,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     import torch
@@ -471,7 +474,7 @@ def _combine_module(
     return _factor_wise(plan, m, factors, masks, generator)
 
 
-def _exact_sum(m: PlannedModule, factors: Sequence[_Factors]) -> tuple[Any, Any]:
+def _exact_sum(m: PlannedModule, factors: Sequence[ModuleFactors]) -> tuple[Any, Any]:
     """Σ c_i B_i A_i as one product left @ right of stacked float64 factors."""
     import torch
 
@@ -480,8 +483,8 @@ def _exact_sum(m: PlannedModule, factors: Sequence[_Factors]) -> tuple[Any, Any]
     return left, torch.cat([f.a2.double() for f in factors], dim=0)
 
 
-def _departure(
-    m: PlannedModule, factors: Sequence[_Factors], a: Any, b: Any, scaling: float
+def departure_note(
+    m: PlannedModule, factors: Sequence[ModuleFactors], a: Any, b: Any, scaling: float
 ) -> float:
     """||Σ c_i B_i A_i - scaling·B @ A||_F / ||Σ c_i B_i A_i||_F from Gram matrices (float64)."""
     from .lowrank import relative_distance
@@ -491,7 +494,7 @@ def _departure(
                              a.reshape(a.shape[0], -1).double())  # fmt: skip
 
 
-def _fold(a: Any, b: Any, scaling: float) -> tuple[Any, Any]:
+def fold_scaling(a: Any, b: Any, scaling: float) -> tuple[Any, Any]:
     """Factors with B @ A = delta rescaled so that scaling · B @ A = delta: each by
     1 / sqrt(scaling), in float64, unchanged where scaling is 1."""
     import torch
@@ -503,7 +506,7 @@ def _fold(a: Any, b: Any, scaling: float) -> tuple[Any, Any]:
             (b.to(torch.float64) * root).to(torch.float32))  # fmt: skip
 
 
-def _load(files: TensorFiles, m: PlannedModule, device: torch.device) -> list[_Factors]:
+def _load(files: TensorFiles, m: PlannedModule, device: torch.device) -> list[ModuleFactors]:
     import torch
 
     factors = []
@@ -511,7 +514,9 @@ def _load(files: TensorFiles, m: PlannedModule, device: torch.device) -> list[_F
         a, b = files.load(s.lora.lora_a), files.load(s.lora.lora_b)
         check_finite_inputs([(s.lora.lora_a, a), (s.lora.lora_b, b)],
                             hint="combining it would write NaN/inf into the result")  # fmt: skip
-        factors.append(_Factors(a.to(device).to(torch.float32), b.to(device).to(torch.float32)))
+        factors.append(
+            ModuleFactors(a.to(device).to(torch.float32), b.to(device).to(torch.float32))
+        )
     return factors
 
 
@@ -532,9 +537,9 @@ def _computed(
         for m in plan.modules:
             factors = _load(files, m, device)
             scaling = plan.layout.scaling(m.module)
-            a, b = _fold(*_combine_module(plan, m, factors, masks, generator), scaling)
+            a, b = fold_scaling(*combine_module(plan, m, factors, masks, generator), scaling)
             a, b = a.to(torch_dtype(m.dtype)), b.to(torch_dtype(m.dtype))
-            error = _departure(m, factors, a, b, scaling)
+            error = departure_note(m, factors, a, b, scaling)
             a, b = pad_rank(a, b, plan.layout.stored_rank(m.module))
             rows.append(CombinedModule(m.module, list(m.shape), m.rank, len(m.sources), error))
             key_a, key_b = lora_keys(m.module, embedding=m.embedding)
@@ -550,7 +555,7 @@ def _output(plan: CombinePlan, out: Path) -> Output:
     return adapter_output(out, planned, plan.copies, plan.config)
 
 
-def _linear_note(plan: CombinePlan, rows: Sequence[CombinedModule]) -> list[str]:
+def linear_note(plan: CombinePlan, rows: Sequence[CombinedModule]) -> list[str]:
     shared = [r.rel_error for r in rows if r.adapters > 1]
     if plan.method is not CombineMethod.LINEAR or plan.svd or not shared:
         return []
@@ -700,7 +705,7 @@ def combine(
     engine.run(output, _computed(plan, resolve_device(device), seed or 0, masks, rows),
                overwrite=overwrite, progress=progress)  # fmt: skip
     params = sum(t.numel for t in output.layout.shards[0].tensors[: 2 * len(plan.modules)])
-    notes = [*plan.notes, *_linear_note(plan, rows)]
+    notes = [*plan.notes, *linear_note(plan, rows)]
     for note in notes:
         logger.warning(note)
     return CombineReport(

@@ -81,7 +81,7 @@ def _fitted(update: ModuleUpdate, shape: tuple[int, ...] | None) -> dict[str, Fa
     return factors
 
 
-def _module_name(
+def output_module_name(
     update: ModuleUpdate, lora: LoraFile, fmt: OutputFormat, spellings: Spellings | None
 ) -> str:
     """The module's name in the output: kohya names are kept, or given by the base (sd-scripts'
@@ -131,12 +131,12 @@ def _out_modules(
                                  _alpha(update), update.rank, dora, update.source))  # fmt: skip
     check_modules(modules, fmt, lora.path)  # what cannot be written, before any name lookup
     return [
-        dataclasses.replace(m, module=_module_name(u, lora, fmt, spellings))
+        dataclasses.replace(m, module=output_module_name(u, lora, fmt, spellings))
         for m, u in zip(modules, lora.updates, strict=True)
     ]
 
 
-def _is_dit(lora: LoraFile, family: Family) -> bool:
+def is_dit(lora: LoraFile, family: Family) -> bool:
     """Whether the file's UNet is a DiT (diffusers ``transformer.``): by family or by the
     input's own prefix."""
     return family in (Family.FLUX, Family.SD3) or any(
@@ -184,7 +184,7 @@ def convert(
     family = layout.family if layout is not None else read.family
     modules = _out_modules(read, fmt, layout)
     plan = plan_lora(out_path, modules, fmt, family=family, metadata=read.metadata,
-                     source=read.path, dit=_is_dit(read, family))  # fmt: skip
+                     source=read.path, dit=is_dit(read, family))  # fmt: skip
     record = provenance.start("convert", options, inputs)
     output = dataclasses.replace(plan.output, provenance=record)
     engine.run(output, plan.stream(), overwrite=overwrite, progress=progress)

@@ -222,10 +222,10 @@ def module_name(module: FileModule, read: LoraFile, fmt: OutputFormat) -> str:
     Raises:
         OptionError: kohya names to diffusers or PEFT.
     """
-    from .convert import _module_name
+    from .convert import output_module_name
 
     try:
-        return _module_name(module.update, read, fmt, None)
+        return output_module_name(module.update, read, fmt, None)
     except OptionError as e:  # resize and combine take no base: convert does
         raise OptionError(
             e.message, path=e.path, tensor=e.tensor,

@@ -22,15 +22,15 @@ from .combine import (
     CombinedModule,
     CombinePlan,
     CombineReport,
+    CombineSettings,
     MaskSource,
+    ModuleFactors,
     PlannedModule,
     Source,
-    _combine_module,
-    _departure,
-    _Factors,
-    _fold,
-    _linear_note,
-    _Options,
+    combine_module,
+    departure_note,
+    fold_scaling,
+    linear_note,
 )
 from .engine import Computed
 from .formats import Kind, LoraFile
@@ -66,8 +66,8 @@ _KEPT_KINDS = (Kind.LOHA, Kind.LOHA_TUCKER, Kind.LOKR, Kind.FULL, Kind.NORM)
 ProgressCallback = engine.ProgressCallback
 
 
-def _is_dit(read: LoraFile) -> bool:
-    from .convert import _is_dit as is_dit
+def is_dit(read: LoraFile) -> bool:
+    from .convert import is_dit
 
     return is_dit(read, read.family)
 
@@ -197,7 +197,7 @@ def resize_file(
         outs.append(resized_module(m, name, k, alpha, dtype or m.update.factors["up"].dtype))
     kept = len(modules) - len(lora)
     plan = plan_lora(out, outs, target, family=read.family, metadata=read.metadata,
-                     source=read.path, dit=_is_dit(read))  # fmt: skip
+                     source=read.path, dit=is_dit(read))  # fmt: skip
     rows: list[ModuleReport] = []
     output: Output = dataclasses.replace(plan.output, provenance=record)
     engine.run(output, plan.stream(_resize_stream(plan, resized, device, rows)),
@@ -216,7 +216,7 @@ def resize_file(
 # combine
 
 
-def _output_rank(group: Sequence[FileModule], options: _Options, svd_rank: int) -> int:
+def _output_rank(group: Sequence[FileModule], options: CombineSettings, svd_rank: int) -> int:
     """As ``combine``: the --svd rank (at most what the sum or the matrix holds), the summed
     ranks for cat, the one shared rank for the factor-wise methods.
 
@@ -243,7 +243,7 @@ def _output_rank(group: Sequence[FileModule], options: _Options, svd_rank: int) 
     return ranks[0]
 
 
-def _planned(group: Sequence[FileModule], options: _Options, rank: int) -> PlannedModule:
+def _planned(group: Sequence[FileModule], options: CombineSettings, rank: int) -> PlannedModule:
     """The group as combine's planned module (its sources' factors are loaded here, not by
     combine), for combine's own math."""
     sources = []
@@ -257,7 +257,7 @@ def _planned(group: Sequence[FileModule], options: _Options, rank: int) -> Plann
 
 def _factors(
     files: TensorFiles, group: Sequence[FileModule], device: torch.device
-) -> list[_Factors]:
+) -> list[ModuleFactors]:
     """Each source as combine's float32 (a, b): a (r, in[, kh, kw]) with a Tucker mid folded
     in, b = up (out, r[, 1, 1]); the scaling stays with the source (``Source.coefficient``)."""
     import torch
@@ -265,7 +265,7 @@ def _factors(
     factors = []
     for m in group:
         up, right = _load(files, m, device, "combining it would write NaN/inf into the result")
-        factors.append(_Factors(right.reshape(m.rank, *m.down_tail).to(torch.float32),
+        factors.append(ModuleFactors(right.reshape(m.rank, *m.down_tail).to(torch.float32),
                                 up.reshape(-1, m.rank, *m.up_tail).to(torch.float32)))  # fmt: skip
     return factors
 
@@ -284,13 +284,13 @@ def _combine_stream(
         for i, (m, group) in enumerate(zip(plan.modules, groups, strict=True)):
             factors = _factors(files, group, device)
             scaling = alpha / m.rank
-            a, b = _fold(*_combine_module(plan, m, factors, masks, generator), scaling)
+            a, b = fold_scaling(*combine_module(plan, m, factors, masks, generator), scaling)
             down, up = lora.name(i, "down"), lora.name(i, "up")
             stored = torch_dtype(next(t.dtype for t in lora.output.layout.shards[0].tensors
                                       if t.name == down))  # fmt: skip
             a, b = a.to(stored), b.to(stored)
             rows.append(CombinedModule(m.module, list(m.shape), m.rank, len(m.sources),
-                                       _departure(m, factors, a, b, scaling)))  # fmt: skip
+                                       departure_note(m, factors, a, b, scaling)))  # fmt: skip
             yield Computed(down, a.reshape(shapes[down]).cpu())
             yield Computed(up, b.reshape(shapes[up]).cpu())
 
@@ -301,7 +301,7 @@ def combine_files(
     locations: Sequence[Location],
     out: Path,
     *,
-    options: _Options,
+    options: CombineSettings,
     fmt: str | None,
     seed: int,
     device: torch.device,
@@ -328,7 +328,7 @@ def combine_files(
         for g, k in zip(groups, ranks, strict=True)
     ]  # fmt: skip
     lora = plan_lora(out, outs, target, family=family, source=reads[0].path,
-                     dit=_is_dit(reads[0]))  # fmt: skip
+                     dit=is_dit(reads[0]))  # fmt: skip
     planned = tuple(_planned(g, options, k) for g, k in zip(groups, ranks, strict=True))
     plan = CombinePlan(
         tuple(locations), options.weights, options.method, options.svd, options.clamp,
@@ -341,6 +341,6 @@ def combine_files(
                                                    masks, rows)),
                overwrite=overwrite, progress=progress)  # fmt: skip
     params = sum(r * sum(g[0].shape) for g, r in zip(groups, ranks, strict=True))
-    notes = _linear_note(plan, rows)
+    notes = linear_note(plan, rows)
     return CombineReport(out, plan.method.peft_name(plan.svd), rows, params, [],
                          time.monotonic() - started, notes)  # fmt: skip

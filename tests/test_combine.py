@@ -574,7 +574,7 @@ def test_a_failed_combination_leaves_nothing_behind(
     import importlib
 
     module = importlib.import_module("lorasurgeon.combine")
-    original, calls = module._combine_module, []
+    original, calls = module.combine_module, []
 
     def failing(*args: Any) -> Any:
         calls.append(1)
@@ -582,7 +582,7 @@ def test_a_failed_combination_leaves_nothing_behind(
             raise error
         return original(*args)
 
-    monkeypatch.setattr(module, "_combine_module", failing)
+    monkeypatch.setattr(module, "combine_module", failing)
     with pytest.raises(type(error)):
         run(pair, tmp_path / "out", svd=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
