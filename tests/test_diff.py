@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 import lorasurgeon
 from lorasurgeon.diff import Group, Status, group_of, layer_of, module_kind
+from lorasurgeon.diffstats import CHUNK
 from tests.conftest import TinyBase, load_checkpoint, make_adapter, peft_merge
 from tests.test_cli import run_cli
 
@@ -170,6 +171,63 @@ def test_diff_reports_tensors_on_one_side_and_reshaped(tmp_path: Path) -> None:
     assert status == {"x.weight": Status.DTYPE, "only_a": Status.ONLY_A,
                       "r.weight": Status.SHAPE, "only_b": Status.ONLY_B}  # fmt: skip
     assert {t.name: t.rel_change for t in report.tensors}["x.weight"] == 0.0
+
+
+# Statistics against their float64 definitions: ‖B - A‖² and ‖A‖² within 1e-6 (float32 rows
+# summed by cascade, rows added in float64), max |B - A| within 2^-24 (B - A rounded once).
+_STAT_TOL = {"change_energy": 1e-6, "rel_change": 1e-6, "max_abs": 2.0**-23}
+_N = CHUNK + 4099  # two chunks, the second partial (and not a multiple of a row)
+
+
+def _stat_tensors(dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(A, B) in float64 before rounding to ``dtype``, one pair per kind of trouble."""
+    gen, info = torch.Generator().manual_seed(7), torch.finfo(dtype)
+
+    def randn(scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(_N, generator=gen, dtype=torch.float64) * scale
+
+    heavy = randn() ** 5  # heavy tails: a float32 sum over a chunk loses ~1e-4 here
+    last_chunk = randn()
+    late = last_chunk.clone()
+    late[CHUNK + 7] += 1.0  # equal bytes in the first chunk, which still counts in ‖A‖
+    return {
+        "model.layers.0.mlp.up_proj.weight": (randn(0.02), randn(0.02) * 1e-3 + 0.02),
+        "model.layers.0.mlp.down_proj.weight": (heavy, heavy + randn(1e-2)),
+        # float32 squares overflow (bf16, fp32) or underflow; B - A overflows float32
+        "model.layers.0.self_attn.q_proj.weight": (randn(info.max / 1e8), randn(info.max / 1e8)),
+        "model.layers.0.self_attn.k_proj.weight": (randn(info.tiny * 4), randn(info.tiny * 4)),
+        "model.layers.0.self_attn.v_proj.weight": (last_chunk, late),
+        "model.layers.0.self_attn.o_proj.weight": (randn(info.max / 8), -randn(info.max / 8)),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_diff_statistics_match_their_float64_definitions(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    pairs = _stat_tensors(dtype)
+    limit = torch.finfo(dtype).max
+    stored = {name: tuple(x.clamp(-limit, limit).to(dtype) for x in pair)
+              for name, pair in pairs.items()}  # fmt: skip
+    up = pairs["model.layers.0.mlp.up_proj.weight"]
+    stored["dtype.changed.weight"] = (up[0].to(dtype), up[1].float())
+    save_file({n: p[0] for n, p in stored.items()}, str(tmp_path / "a.safetensors"))
+    save_file({n: p[1] for n, p in stored.items()}, str(tmp_path / "b.safetensors"))
+
+    report = lorasurgeon.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", device="cpu")
+
+    for t in report.tensors:
+        a, b = (x.double() for x in stored[t.name])
+        d = b - a
+        energy = float((d * d).sum())
+        want = {
+            "change_energy": energy,
+            "rel_change": math.sqrt(energy / float((a * a).sum())),
+            "max_abs": float(d.abs().max()),
+        }
+        for key, expected in want.items():
+            assert energy > 0 and math.isfinite(energy), t.name
+            assert getattr(t, key) == pytest.approx(expected, rel=_STAT_TOL[key]), (t.name, key)
 
 
 # ------------------------------------------------------------------------------ verify
