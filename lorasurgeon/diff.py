@@ -221,7 +221,9 @@ def _values(pair: tuple[TensorInfo, TensorInfo], m: Measure, k: int | None,
     shape = _shape2(pair[0])
     if k is not None and shape is not None and m.change is not None and energy > 0 \
             and math.isfinite(energy):  # fmt: skip
-        result["spectrum"] = _spectrum(m.change.to(device), shape, k)
+        import torch
+
+        result["spectrum"] = _spectrum(torch.from_numpy(m.change).to(device), shape, k)
     return result
 
 
@@ -342,9 +344,11 @@ def diff(
 
 def _compare_all(pairs: Sequence[tuple[TensorInfo, TensorInfo]], k: int | None, device: str,
                  progress: ProgressCallback | None) -> list[TensorDiff]:  # fmt: skip
-    from .ops import resolve_device
+    dev = None
+    if k is not None or device != "auto":  # plain diff compares on the CPU without torch
+        from .ops import resolve_device
 
-    dev = resolve_device(device)
+        dev = resolve_device(device)
     total, done = sum(x.nbytes + y.nbytes for x, y in pairs), 0
     results = []
 

@@ -2,9 +2,9 @@
 ‖B - A‖_F², ‖A‖_F², max |B - A| and, when asked, B - A in float32. Reads and computes only.
 
 Both checkpoints are read in chunks of ``CHUNK`` elements into small buffers that stay in the
-CPU's cache, by two threads that each read a chunk and then compute on it (``pread`` and torch
-kernels release the GIL). One chunk takes one pass per statistic: upcast A, upcast B and
-subtract, the sums of squares of A and of B - A, the largest and smallest element of B - A.
+CPU's cache, by two threads that each read a chunk and then compute on it with numpy (``pread``
+and numpy's loops release the GIL). Plain ``diff`` never imports torch: its import alone
+takes about as long as reading a 1B model. float16 and the rarer dtypes are decoded by torch.
 """
 
 from __future__ import annotations
@@ -13,84 +13,95 @@ import math
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from .dtypes import DTYPES, torch_dtype
 from .errors import OptionError
 from .reader import TensorFiles, TensorInfo
 
-if TYPE_CHECKING:
-    import torch
-
 __all__ = ["CHUNK", "Measure", "measure_pairs", "sum_of_squares"]
 
-#: Elements read and compared at a time: 2 MiB of bfloat16 per side, 4 MiB of float32 scratch.
-CHUNK = 1 << 20
-# Sums of squares are taken by rows of this many float32 elements (torch sums each row by
-# cascade, about 1e-8 relative), the rows' sums added in float64.
-_ROW = 4096
+#: Elements read and compared at a time: 1 MiB of bfloat16 per side, 2 MiB of float32 scratch.
+CHUNK = 1 << 19
+# Sums of squares are taken by rows of this many float32 elements (numpy's einsum, about 1e-7
+# relative at worst), the rows' sums added in float64.
+_ROW = 1024
 # A chunk whose float32 sum of squares is not in [_TINY, inf) is done again in float64:
-# squares below ~1e-38 lose bits to underflow (at most CHUNK · 2^-149 ≈ 1.5e-39 in all, so
+# squares below ~1e-38 lose bits to underflow (at most CHUNK · 2^-149 < 1e-39 in all, so
 # 1e-30 keeps that under 1e-9 of the sum), squares above ~3e38 overflow.
 _TINY = 1e-30
+# A change is handed out for its spectrum only if its squares fit float32, where SVDs run.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Kept (float32 B - A) tensors open at a time: one decomposed while the next one is read.
 _OPEN = 2
 _WORKERS = 2
+_NATIVE = {"F32": np.float32, "F64": np.float64}  # stored as numpy reads them
 
 Pair = tuple[TensorInfo, TensorInfo]
+Sums = tuple[float, float, float]  # ‖b - a‖², ‖a‖², max |b - a|
 
 
 @dataclass(frozen=True)
 class Measure:
     """What one pair's values say. ``energy`` = ‖B - A‖_F², ``base`` = ‖A‖_F² and
     ``max_abs`` = max |B - A|, None when a dtype cannot be decoded (or the pair is equal);
-    ``change``: B - A in float32, flat, when kept and finite in float32 (return it with
-    ``release``)."""
+    ``change``: B - A in float32, flat, when kept and its squares fit float32 (valid until
+    the next pair is asked for)."""
 
     equal: bool
     energy: float | None = None
     base: float | None = None
     max_abs: float | None = None
-    change: torch.Tensor | None = None
+    change: np.ndarray | None = None
 
 
 class _Tally:
     """One pair's chunks as they come in (updated under the measuring lock)."""
 
-    def __init__(self, numel: int, room: torch.Tensor | None) -> None:
+    def __init__(self, numel: int, room: np.ndarray | None) -> None:
         self.remaining = max(1, math.ceil(numel / CHUNK))
         self.numel = numel
         self.room = room  # float32 room for B - A (at least numel), or None
         self.equal = True
         self.energy = self.base = self.biggest = 0.0
-        self.overflow = False  # B - A is not finite in float32: no change handed out
+        self.decoded = True
 
-    def add(self, equal: bool, sums: tuple[float, float, float, bool] | None) -> None:
+    def add(self, equal: bool, sums: Sums | None) -> None:
         self.equal = self.equal and equal
-        if sums is not None:
-            energy, base, biggest, finite = sums
-            self.energy += energy
-            self.base += base
-            self.biggest = biggest if math.isnan(biggest) else max(self.biggest, biggest)
-            self.overflow = self.overflow or not finite
+        if sums is None:
+            self.decoded = False
+        else:
+            self.energy += sums[0]
+            self.base += sums[1]
+            self.biggest = sums[2] if math.isnan(sums[2]) else max(self.biggest, sums[2])
         self.remaining -= 1
 
+    def result(self) -> Measure:
+        if self.equal:
+            return Measure(True)
+        if not self.decoded:
+            return Measure(False)
+        fits = self.room is not None and self.energy < _FLOAT32_MAX
+        change = self.room[: self.numel] if fits and self.room is not None else None
+        return Measure(False, self.energy, self.base, self.biggest, change)
 
-def sum_of_squares(v: torch.Tensor) -> float:
-    """Σ v² of a flat float32 or float64 tensor: rows of ``_ROW`` summed by torch, the rows'
-    sums in float64."""
-    import torch
 
-    head = v.numel() - v.numel() % _ROW
-    rows = v[:head].view(-1, _ROW)
-    total = float(torch.linalg.vecdot(rows, rows).sum(dtype=torch.float64)) if head else 0.0
-    if head < v.numel():
-        total += float(torch.linalg.vecdot(v[head:], v[head:]).double())
-    return total
+def sum_of_squares(v: np.ndarray) -> float:
+    """Σ v² of a flat float32 or float64 array: float32 by rows of ``_ROW``, whose sums are
+    added in float64; float64 at once."""
+    if v.dtype == np.float64:
+        return float(np.dot(v, v))
+    head = v.size - v.size % _ROW
+    rows = v[:head].reshape(-1, _ROW)
+    total = float(np.einsum("ij,ij->i", rows, rows).sum(dtype=np.float64)) if head else 0.0
+    return total + float(np.dot(v[head:].astype(np.float64), v[head:]))
 
 
 def _decodable(code: str) -> bool:
+    if code in _NATIVE or code == "BF16":
+        return True  # numpy decodes it: no need to import torch
     try:
         torch_dtype(code)
     except OptionError:
@@ -102,14 +113,31 @@ def _same_bytes(left: bytearray, right: bytearray, size: int) -> bool:
     """The first ``size`` bytes of both buffers are equal (``memcmp`` when they are whole)."""
     if size == len(left) == len(right):
         return left == right
+    code = np.uint64 if size % 8 == 0 else np.uint8  # 8 bytes at a time where they divide
+    count = size // np.dtype(code).itemsize
+    return bool(np.array_equal(np.frombuffer(left, code, count),
+                               np.frombuffer(right, code, count)))  # fmt: skip
+
+
+_local = threading.local()
+
+
+def _decode(code: str, raw: bytearray, n: int, out: np.ndarray) -> np.ndarray:
+    """The chunk's n values, float32 or float64: a view of ``raw`` where numpy reads the
+    dtype as stored, else decoded into ``out`` (float32, exact for every dtype torch knows)."""
+    if code in _NATIVE:
+        return np.frombuffer(raw, _NATIVE[code], n)
+    if code == "BF16":  # the upper half of a float32: exact by a shift
+        np.left_shift(np.frombuffer(raw, np.uint16, n), 16, out=out[:n].view(np.uint32),
+                      dtype=np.uint32)  # fmt: skip
+        return out[:n]
     import torch
 
-    if size == 0:
-        return True
-    code = torch.int64 if size % 8 == 0 else torch.uint8
-    count = size // (8 if code is torch.int64 else 1)
-    return torch.equal(torch.frombuffer(left, dtype=code, count=count),
-                       torch.frombuffer(right, dtype=code, count=count))  # fmt: skip
+    if not getattr(_local, "single", False):  # per thread (OpenMP): the workers fill the cores
+        _local.threads, _local.single = torch.get_num_threads(), True
+        torch.set_num_threads(1)
+    torch.from_numpy(out[:n]).copy_(torch.frombuffer(raw, dtype=torch_dtype(code), count=n))
+    return out[:n]
 
 
 @dataclass
@@ -118,47 +146,52 @@ class _Scratch:
     chunk of A and of B - A, and float64 room made when a chunk must be done again."""
 
     raw: tuple[bytearray, bytearray]
-    work: torch.Tensor  # (2, CHUNK) float32
-    wide: torch.Tensor | None = None  # (2, CHUNK) float64
+    x: np.ndarray = field(default_factory=lambda: np.empty(CHUNK, np.float32))
+    d: np.ndarray = field(default_factory=lambda: np.empty(CHUNK, np.float32))
+    wide: np.ndarray | None = None  # (2, CHUNK) float64
 
 
-def _chunk_sums(pair: Pair, raw: tuple[bytearray, bytearray], scratch: _Scratch, n: int,
-                change: torch.Tensor | None) -> tuple[float, float, float, bool]:  # fmt: skip
-    """‖b - a‖², ‖a‖², max |b - a| of one chunk of n elements, and whether b - a is finite in
-    float32; b - a (float32) goes into ``change`` when given."""
-    import torch
-
-    a = torch.frombuffer(raw[0], dtype=torch_dtype(pair[0].dtype), count=n)
-    b = torch.frombuffer(raw[1], dtype=torch_dtype(pair[1].dtype), count=n)
-    x = scratch.work[0, :n]
-    d = change if change is not None else scratch.work[1, :n]
-    x.copy_(a)
-    d.copy_(b)
-    d.sub_(x)
+def _chunk_sums(codes: tuple[str, str], scratch: _Scratch, n: int,
+                change: np.ndarray | None) -> Sums:  # fmt: skip
+    """The ``Sums`` of one chunk of n elements; b - a (float32) goes into ``change`` if given."""
+    if "F64" in codes:
+        return _wide_sums(codes, scratch, n, change)
+    x = _decode(codes[0], scratch.raw[0], n, scratch.x)
+    d = change if change is not None else scratch.d[:n]
+    np.subtract(_decode(codes[1], scratch.raw[1], n, d), x, out=d)
     energy, base = sum_of_squares(d), sum_of_squares(x)
-    high, low = float(d.amax()), float(d.amin())
-    finite = math.isfinite(energy)
+    high, low = (float(d.max()), float(d.min())) if n else (0.0, 0.0)
     exact_zero = energy == 0 and high == low == 0  # b - a is 0 exactly (gradual underflow)
-    if (_TINY <= energy < math.inf or exact_zero) and (_TINY <= base < math.inf or
-                                                       (base == 0 and not x.any())):  # fmt: skip
-        return energy, base, max(high, -low), finite
-    return (*_wide_sums(a, b, scratch, n), finite)
+    if (_TINY <= energy < math.inf or exact_zero) and (
+        _TINY <= base < math.inf or (base == 0 and not x.any())
+    ):
+        return energy, base, max(high, -low)
+    return _wide_sums(codes, scratch, n, None)
 
 
-def _wide_sums(a: torch.Tensor, b: torch.Tensor, scratch: _Scratch,
-               n: int) -> tuple[float, float, float]:  # fmt: skip
-    """The sums of ``_chunk_sums`` in float64: tiny values whose float32 squares underflow,
-    huge ones whose squares overflow, and NaN/inf (which stay NaN/inf, as in float64)."""
-    import torch
-
+def _wide_sums(codes: tuple[str, str], scratch: _Scratch, n: int,
+               change: np.ndarray | None) -> Sums:  # fmt: skip
+    """The sums of ``_chunk_sums`` in float64: float64 inputs, tiny values whose float32
+    squares underflow, huge ones whose squares overflow, and NaN/inf (which stay NaN/inf)."""
     if scratch.wide is None:
-        scratch.wide = torch.empty(2, CHUNK, dtype=torch.float64)
-    x, d = scratch.wide[0, :n], scratch.wide[1, :n]
-    x.copy_(a)
-    d.copy_(b)
-    d.sub_(x)
-    biggest = float(d.abs().max()) if n else 0.0
-    return sum_of_squares(d), sum_of_squares(x), biggest
+        scratch.wide = np.empty((2, CHUNK), np.float64)
+    a, d = scratch.wide[0, :n], scratch.wide[1, :n]
+    np.copyto(a, _decode(codes[0], scratch.raw[0], n, scratch.x))
+    np.copyto(d, _decode(codes[1], scratch.raw[1], n, scratch.d))
+    np.subtract(d, a, out=d)
+    if change is not None:
+        np.copyto(change, d)
+    biggest = float(np.abs(d).max()) if n else 0.0
+    return sum_of_squares(d), sum_of_squares(a), biggest
+
+
+def _equal_sums(code: str, scratch: _Scratch, n: int) -> Sums:
+    """A chunk equal in A and B: only ‖a‖² (wanted if another chunk differs)."""
+    x = _decode(code, scratch.raw[0], n, scratch.x)
+    base = sum_of_squares(x)
+    if not (_TINY <= base < math.inf or (base == 0 and not x.any())):
+        base = sum_of_squares(x.astype(np.float64))
+    return 0.0, base, 0.0
 
 
 def _chunks(pairs: Sequence[Pair]) -> Iterator[tuple[int, int, int]]:
@@ -168,34 +201,32 @@ def _chunks(pairs: Sequence[Pair]) -> Iterator[tuple[int, int, int]]:
             yield i, start, min(a.numel, start + CHUNK)
 
 
+def _bytes(info: TensorInfo, start: int, end: int) -> tuple[int, int]:
+    """The stored bytes of elements start..end (sub-byte dtypes: CHUNK is a multiple of 8)."""
+    bits = DTYPES[info.dtype].bits
+    return start * bits // 8, (end * bits // 8 if end < info.numel else info.nbytes)
+
+
 class _Changes:
     """Reused float32 room for kept changes (``_OPEN`` tensors at most): smallest fit first,
     so that memory grows with the largest changed tensor, not with the model."""
 
     def __init__(self) -> None:
-        self._free: list[torch.Tensor] = []
+        self._free: list[np.ndarray] = []
         self._lock = threading.Lock()
 
-    def acquire(self, numel: int) -> torch.Tensor:
-        import torch
-
+    def acquire(self, numel: int) -> np.ndarray:
         with self._lock:
-            fits = [i for i, t in enumerate(self._free) if t.numel() >= numel]
+            fits = [i for i, t in enumerate(self._free) if t.size >= numel]
             if fits:
-                return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+                return self._free.pop(min(fits, key=lambda i: self._free[i].size))
             if self._free:
                 self._free.pop()  # too small: make room for a larger one
-        return torch.empty(numel, dtype=torch.float32)
+        return np.empty(numel, np.float32)
 
-    def release(self, room: torch.Tensor) -> None:
+    def release(self, room: np.ndarray) -> None:
         with self._lock:
             self._free.append(room)
-
-
-def _bytes(info: TensorInfo, start: int, end: int) -> tuple[int, int]:
-    """The stored bytes of elements start..end (sub-byte dtypes: CHUNK is a multiple of 8)."""
-    bits = DTYPES[info.dtype].bits
-    return start * bits // 8, (end * bits // 8 if end < info.numel else info.nbytes)
 
 
 class _Run:
@@ -245,73 +276,57 @@ class _Run:
             self._open.release()
 
     def work(self) -> None:
-        import torch
-
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # this thread only (OpenMP): the two workers fill both cores
         try:
-            scratch = _Scratch((bytearray(self.raw_size), bytearray(self.raw_size)),
-                               torch.empty(2, CHUNK, dtype=torch.float32))  # fmt: skip
-            while (task := self.next_chunk()) is not None:
-                i, start, end, tally = task
-                equal, sums = self._measure(self.pairs[i], start, end, tally, scratch)
-                with self._tally:
-                    tally.add(equal, sums)
-                    finished = tally.remaining == 0
-                if finished:
-                    self.done.put(i)
+            scratch = _Scratch((bytearray(self.raw_size), bytearray(self.raw_size)))
+            with np.errstate(all="ignore"):  # overflow to inf is handled, not warned about
+                while (task := self.next_chunk()) is not None:
+                    i, start, end, tally = task
+                    equal, sums = self._measure(self.pairs[i], start, end, tally, scratch)
+                    with self._tally:
+                        tally.add(equal, sums)
+                        finished = tally.remaining == 0
+                    if finished:
+                        self.done.put(i)
         except BaseException as e:  # handed to the consumer
             self.stop.set()
             self.done.put(e)
         finally:
-            torch.set_num_threads(threads)
+            if getattr(_local, "single", False):
+                import torch
 
-    def _measure(self, pair: Pair, start: int, end: int, tally: _Tally, scratch: _Scratch
-                 ) -> tuple[bool, tuple[float, float, float, bool] | None]:  # fmt: skip
+                torch.set_num_threads(_local.threads)
+
+    def _measure(self, pair: Pair, start: int, end: int, tally: _Tally,
+                 scratch: _Scratch) -> tuple[bool, Sums | None]:  # fmt: skip
         sizes = []
         for info, buffer in zip(pair, scratch.raw, strict=True):
             first, last = _bytes(info, start, end)
             self.files.read_into(info, memoryview(buffer)[: last - first], start=first)
             sizes.append(last - first)
-        n = end - start
+        codes = pair[0].dtype, pair[1].dtype
         change = tally.room[start:end] if tally.room is not None else None
-        same = pair[0].dtype == pair[1].dtype and _same_bytes(*scratch.raw, sizes[0])
-        if not (self._decodable[pair[0].dtype] and self._decodable[pair[1].dtype]):
+        same = codes[0] == codes[1] and _same_bytes(*scratch.raw, sizes[0])
+        if not (self._decodable[codes[0]] and self._decodable[codes[1]]):
             return same, None
         if not same:
-            return False, _chunk_sums(pair, scratch.raw, scratch, n, change)
+            return False, _chunk_sums(codes, scratch, end - start, change)
         if change is not None:
-            change.zero_()
-        return True, _equal_sums(pair[0], scratch, n)
-
-
-def _equal_sums(info: TensorInfo, scratch: _Scratch, n: int) -> tuple[float, float, float, bool]:
-    """A chunk equal in A and B: only ‖a‖² (wanted if another chunk differs)."""
-    import torch
-
-    x = scratch.work[0, :n]
-    x.copy_(torch.frombuffer(scratch.raw[0], dtype=torch_dtype(info.dtype), count=n))
-    base = sum_of_squares(x)
-    if not (_TINY <= base < math.inf or (base == 0 and not x.any())):
-        base = _wide_sums(x, x, scratch, n)[1]
-    return 0.0, base, 0.0, True
+            change[:] = 0
+        return True, _equal_sums(codes[0], scratch, end - start)
 
 
 def measure_pairs(pairs: Sequence[Pair], files: TensorFiles, *, keep: Callable[[Pair], bool],
                   stop: threading.Event) -> Iterator[tuple[int, Measure]]:  # fmt: skip
     """``(index, Measure)`` of every pair, in the order they finish; two threads read and
-    measure the chunks meanwhile. ``keep(pair)``: hand out B - A as a float32 tensor, valid
-    until the next item is asked for (``_OPEN`` such tensors exist at most).
+    measure the chunks meanwhile. ``keep(pair)``: hand out B - A as a float32 array, valid
+    until the next item is asked for (``_OPEN`` such arrays exist at most).
 
     Each chunk's sums of squares are taken in float32 by rows (``sum_of_squares``) and added
-    in float64; chunks where float32 squares could underflow or overflow are done in float64.
-    So ``energy`` and ``base`` are within about 1e-7 (relative) of the float64 sums and
-    ``max_abs`` within 2^-24 of max |B - A| (B - A rounded to float32 once); see
+    in float64; chunks where float32 squares could underflow or overflow, and float64 inputs,
+    are done in float64. So ``energy`` and ``base`` are within 1e-6 (relative) of the float64
+    sums and ``max_abs`` within 2^-24 of max |B - A| (B - A rounded to float32 once); see
     ``tests/test_diff.py``.
     """
-    import torch
-
-    torch.get_num_threads()  # fixes this thread's count before the workers lower theirs
     run = _Run(pairs, files, keep, stop)
     workers = [threading.Thread(target=run.work, name=f"lorasurgeon-diff-{n}", daemon=True)
                for n in range(_WORKERS)]  # fmt: skip
@@ -320,20 +335,12 @@ def measure_pairs(pairs: Sequence[Pair], files: TensorFiles, *, keep: Callable[[
     try:
         for _ in range(len(pairs)):
             item = _next_done(run, workers)
-            yield item, _result(run.tallies[item])
+            yield item, run.tallies[item].result()
             run.finish(item)
     finally:
         stop.set()
         for worker in workers:
             worker.join()
-
-
-def _result(tally: _Tally) -> Measure:
-    if tally.equal:
-        return Measure(True)
-    keep = tally.room is not None and not tally.overflow
-    change = tally.room[: tally.numel] if tally.room is not None and keep else None
-    return Measure(False, tally.energy, tally.base, tally.biggest, change)
 
 
 def _next_done(run: _Run, workers: Sequence[threading.Thread]) -> int:
