@@ -25,7 +25,7 @@ __all__ = ["CHUNK", "Measure", "measure_pairs", "sum_of_squares"]
 
 #: Elements read and compared at a time: 1 MiB of bfloat16 per side, 2 MiB of float32 scratch.
 CHUNK = 1 << 19
-# Sums of squares are taken by rows of this many float32 elements (numpy's einsum, about 1e-7
+# Sums of squares are taken by rows of this many float32 elements (a BLAS dot each, about 1e-7
 # relative at worst), the rows' sums added in float64.
 _ROW = 1024
 # A chunk whose float32 sum of squares is not in [_TINY, inf) is done again in float64:
@@ -95,7 +95,8 @@ def sum_of_squares(v: np.ndarray) -> float:
         return float(np.dot(v, v))
     head = v.size - v.size % _ROW
     rows = v[:head].reshape(-1, _ROW)
-    total = float(np.einsum("ij,ij->i", rows, rows).sum(dtype=np.float64)) if head else 0.0
+    # one BLAS dot per row (a batch of 1x_ROW by _ROWx1 products)
+    total = float(np.matmul(rows[:, None, :], rows[:, :, None]).sum(dtype=np.float64))
     return total + float(np.dot(v[head:].astype(np.float64), v[head:]))
 
 
@@ -128,8 +129,9 @@ def _decode(code: str, raw: bytearray, n: int, out: np.ndarray) -> np.ndarray:
     if code in _NATIVE:
         return np.frombuffer(raw, _NATIVE[code], n)
     if code == "BF16":  # the upper half of a float32: exact by a shift
-        np.left_shift(np.frombuffer(raw, np.uint16, n), 16, out=out[:n].view(np.uint32),
-                      dtype=np.uint32)  # fmt: skip
+        bits = out[:n].view(np.uint32)
+        np.copyto(bits, np.frombuffer(raw, np.uint16, n))  # faster than a shift that casts
+        np.left_shift(bits, 16, out=bits)
         return out[:n]
     import torch
 
@@ -308,6 +310,8 @@ class _Run:
         same = codes[0] == codes[1] and _same_bytes(*scratch.raw, sizes[0])
         if not (self._decodable[codes[0]] and self._decodable[codes[1]]):
             return same, None
+        if end == start:  # an empty tensor
+            return same, (0.0, 0.0, 0.0)
         if not same:
             return False, _chunk_sums(codes, scratch, end - start, change)
         if change is not None:

@@ -230,6 +230,40 @@ def test_diff_statistics_match_their_float64_definitions(
             assert getattr(t, key) == pytest.approx(expected, rel=_STAT_TOL[key]), (t.name, key)
 
 
+def test_diff_decodes_every_dtype_and_empty_tensors(tmp_path: Path) -> None:
+    """numpy decodes F32/F64/BF16 itself, torch the others; empty tensors are equal."""
+    gen = torch.Generator().manual_seed(3)
+    a = {"f64.weight": torch.randn(50, 3, generator=gen, dtype=torch.float64),
+         "f16.weight": torch.randn(33, 2, generator=gen).half(),
+         "f8.weight": torch.randn(100, generator=gen).to(torch.float8_e4m3fn),
+         "i32.weight": torch.arange(10, dtype=torch.int32),
+         "u8.weight": torch.arange(9, dtype=torch.uint8),
+         "empty_bf16.weight": torch.zeros(0, 4, dtype=torch.bfloat16),
+         "empty_f16.weight": torch.zeros(0, dtype=torch.float16)}  # fmt: skip
+    b = {k: v.clone() for k, v in a.items()}
+    b["f64.weight"][0, 0] += 1
+    b["f16.weight"][5, 1] += 1
+    b["f8.weight"] = (a["f8.weight"].float() + 0.5).to(torch.float8_e4m3fn)
+    b["i32.weight"][3] = 100
+    b["u8.weight"][1] = 7
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+
+    report = lorasurgeon.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", device="cpu")
+
+    by_name = {t.name: t for t in report.tensors}
+    assert {n for n, t in by_name.items() if t.status is Status.EQUAL} == {
+        "empty_bf16.weight", "empty_f16.weight"}  # fmt: skip
+    for name in a:
+        if name.startswith("empty"):
+            continue
+        x, y = a[name].double(), b[name].double()
+        d = y - x
+        t = by_name[name]
+        assert t.change_energy == pytest.approx(float((d * d).sum()), rel=1e-12), name
+        assert t.max_abs == float(d.abs().max()), name
+
+
 # ------------------------------------------------------------------------------ verify
 
 
