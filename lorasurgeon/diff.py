@@ -1,7 +1,7 @@
 """What changed between two checkpoints: ``diff`` (per tensor, grouped, and with ``spectrum``
 the singular values of each changed weight and the rank it takes to extract).
 
-Streams both checkpoints tensor by tensor (one read ahead); writes nothing.
+Streams both checkpoints in chunks on two threads (``diffstats``); writes nothing.
 """
 
 from __future__ import annotations
@@ -309,8 +309,9 @@ def diff(
     """Compare two checkpoints tensor by tensor, streaming; nothing is written.
 
     Each tensor name is equal (bit for bit), changed (``rel_change`` = ‖B - A‖_F / ‖A‖_F and
-    ``max_abs`` = max |B - A|, computed in float32 by chunks whose sums are added in float64),
-    only in A or B, or differs in shape or dtype (a dtype change is compared by value).
+    ``max_abs`` = max |B - A|, within 1e-6 and 2^-24 of their float64 values: see
+    ``diffstats.measure_pairs``), only in A or B, or differs in shape or dtype (a dtype change
+    is compared by value).
     ``groups`` sums the change's energy by model part. With ``spectrum`` = K, each changed
     tensor of two or more dimensions also gets its top K singular values (randomized SVD)
     with the exact share of the energy they hold and the ranks for 50/90/99% of it;
@@ -320,7 +321,8 @@ def diff(
         a, b: checkpoints (directory, ``.safetensors`` file or Hub id); B - A is the change.
         spectrum: K, singular values per changed weight; None: no spectra.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``: where the SVDs of ``spectrum`` run
-            (values are compared on the CPU, next to the reads).
+            (values are compared on the CPU, next to the reads; without ``spectrum``, torch
+            is not even imported unless ``device`` is not ``auto``, to check it).
         progress: called with (bytes read, bytes to read).
 
     Raises:
