@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from functools import partial
 from typing import Any
 
 from .diffstats import Measure, measure_pairs
@@ -203,8 +204,7 @@ def _spectrum(change: Any, shape: tuple[int, int], k: int) -> Spectrum:
     return Spectrum(shape, svd.s.tolist(), total, min(kept, 1.0), ranks)
 
 
-def _values(pair: tuple[TensorInfo, TensorInfo], m: Measure, k: int | None,
-            device: Any) -> dict[str, Any]:  # fmt: skip
+def _values(pair: tuple[TensorInfo, TensorInfo], m: Measure) -> dict[str, Any]:
     """Status, relative change, max abs change and spectrum of B against A."""
     if m.equal:
         return {"status": Status.EQUAL}
@@ -218,12 +218,8 @@ def _values(pair: tuple[TensorInfo, TensorInfo], m: Measure, k: int | None,
         "rel_change": math.sqrt(energy / base) if base else (0.0 if energy == 0 else math.inf),
         "max_abs": m.max_abs,
     }
-    shape = _shape2(pair[0])
-    if k is not None and shape is not None and m.change is not None and energy > 0 \
-            and math.isfinite(energy):  # fmt: skip
-        import torch
-
-        result["spectrum"] = _spectrum(torch.from_numpy(m.change).to(device), shape, k)
+    if m.decomposed is not None:
+        result["spectrum"] = m.decomposed
     return result
 
 
@@ -346,27 +342,40 @@ def diff(
 
 def _compare_all(pairs: Sequence[tuple[TensorInfo, TensorInfo]], k: int | None, device: str,
                  progress: ProgressCallback | None) -> list[TensorDiff]:  # fmt: skip
-    dev = None
+    decompose = None
     if k is not None or device != "auto":  # plain diff compares on the CPU without torch
         from .ops import resolve_device
 
         dev = resolve_device(device)
+        if k is not None:
+            decompose = partial(_decompose, k=k, device=dev)
     total, done = sum(x.nbytes + y.nbytes for x, y in pairs), 0
     results = []
-
-    def keep(pair: tuple[TensorInfo, TensorInfo]) -> bool:
-        """B - A is wanted in float32: a weight whose spectrum ``--spectrum`` computes."""
-        return (
-            k is not None
-            and _shape2(pair[0]) is not None
-            and all(_decodable(info.dtype) for info in pair)
-        )
-
     with TensorFiles() as files:
-        for i, measured in measure_pairs(pairs, files, keep=keep, stop=threading.Event()):
+        for i, measured in measure_pairs(pairs, files, keep=_kept if k is not None else _none,
+                                         decompose=decompose, stop=threading.Event()):  # fmt: skip
             pair = pairs[i]
-            results.append(_entry(pair[0].name, *pair, **_values(pair, measured, k, dev)))
+            results.append(_entry(pair[0].name, *pair, **_values(pair, measured)))
             done += pair[0].nbytes + pair[1].nbytes
             if progress is not None:
                 progress(done, total)
     return results
+
+
+def _kept(pair: tuple[TensorInfo, TensorInfo]) -> bool:
+    """B - A is wanted in float32: a weight whose spectrum ``--spectrum`` computes."""
+    return _shape2(pair[0]) is not None and all(_decodable(info.dtype) for info in pair)
+
+
+def _none(pair: tuple[TensorInfo, TensorInfo]) -> bool:
+    return False
+
+
+def _decompose(pair: tuple[TensorInfo, TensorInfo], change: Any, *, k: int,
+               device: Any) -> Spectrum:  # fmt: skip
+    """The spectrum of one change (flat float32 numpy), on ``device``: called on a worker."""
+    import torch
+
+    shape = _shape2(pair[0])
+    assert shape is not None  # _kept
+    return _spectrum(torch.from_numpy(change).to(device), shape, k)

@@ -5,6 +5,8 @@ Both checkpoints are read in chunks of ``CHUNK`` elements into small buffers tha
 CPU's cache, by two threads that each read a chunk and then compute on it with numpy (``pread``
 and numpy's loops release the GIL). Plain ``diff`` never imports torch: its import alone
 takes about as long as reading a 1B model. float16 and the rarer dtypes are decoded by torch.
+A kept change is decomposed by the thread that completes it, with one torch thread: two
+decompositions side by side keep both cores busier than one on two threads does.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -34,27 +37,27 @@ _ROW = 1024
 _TINY = 1e-30
 # A change is handed out for its spectrum only if its squares fit float32, where SVDs run.
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-# Kept (float32 B - A) tensors open at a time: one decomposed while the next one is read.
-_OPEN = 2
+# Kept (float32 B - A) tensors open at a time: one decomposed by each worker, one being read.
+_OPEN = 3
 _WORKERS = 2
 _NATIVE = {"F32": np.float32, "F64": np.float64}  # stored as numpy reads them
 
 Pair = tuple[TensorInfo, TensorInfo]
 Sums = tuple[float, float, float]  # ‖b - a‖², ‖a‖², max |b - a|
+Decompose = Callable[[Pair, np.ndarray], Any]
 
 
 @dataclass(frozen=True)
 class Measure:
     """What one pair's values say. ``energy`` = ‖B - A‖_F², ``base`` = ‖A‖_F² and
     ``max_abs`` = max |B - A|, None when a dtype cannot be decoded (or the pair is equal);
-    ``change``: B - A in float32, flat, when kept and its squares fit float32 (valid until
-    the next pair is asked for)."""
+    ``decomposed``: what ``decompose`` returned for B - A, when it was called."""
 
     equal: bool
     energy: float | None = None
     base: float | None = None
     max_abs: float | None = None
-    change: np.ndarray | None = None
+    decomposed: Any = None
 
 
 class _Tally:
@@ -67,6 +70,7 @@ class _Tally:
         self.equal = True
         self.energy = self.base = self.biggest = 0.0
         self.decoded = True
+        self.decomposed: Any = None
 
     def add(self, equal: bool, sums: Sums | None) -> None:
         self.equal = self.equal and equal
@@ -78,14 +82,17 @@ class _Tally:
             self.biggest = sums[2] if math.isnan(sums[2]) else max(self.biggest, sums[2])
         self.remaining -= 1
 
+    def change(self) -> np.ndarray | None:
+        """B - A in float32 when it was kept, differs and its squares fit float32."""
+        fits = not self.equal and self.decoded and 0 < self.energy < _FLOAT32_MAX
+        return self.room[: self.numel] if fits and self.room is not None else None
+
     def result(self) -> Measure:
         if self.equal:
             return Measure(True)
         if not self.decoded:
             return Measure(False)
-        fits = self.room is not None and self.energy < _FLOAT32_MAX
-        change = self.room[: self.numel] if fits and self.room is not None else None
-        return Measure(False, self.energy, self.base, self.biggest, change)
+        return Measure(False, self.energy, self.base, self.biggest, self.decomposed)
 
 
 def sum_of_squares(v: np.ndarray) -> float:
@@ -135,11 +142,19 @@ def _decode(code: str, raw: bytearray, n: int, out: np.ndarray) -> np.ndarray:
         return out[:n]
     import torch
 
-    if not getattr(_local, "single", False):  # per thread (OpenMP): the workers fill the cores
-        _local.threads, _local.single = torch.get_num_threads(), True
-        torch.set_num_threads(1)
+    _one_torch_thread()
     torch.from_numpy(out[:n]).copy_(torch.frombuffer(raw, dtype=torch_dtype(code), count=n))
     return out[:n]
+
+
+def _one_torch_thread() -> None:
+    """Let torch use one thread in this worker (OpenMP's count is per thread): the two workers
+    fill both cores, and torch on two threads from each would make four. ``work`` restores it."""
+    import torch
+
+    if not getattr(_local, "single", False):
+        _local.threads, _local.single = torch.get_num_threads(), True
+        torch.set_num_threads(1)
 
 
 @dataclass
@@ -236,8 +251,9 @@ class _Run:
     ``done`` (their index), a worker's error too."""
 
     def __init__(self, pairs: Sequence[Pair], files: TensorFiles, keep: Callable[[Pair], bool],
-                 stop: threading.Event) -> None:  # fmt: skip
+                 decompose: Decompose | None, stop: threading.Event) -> None:  # fmt: skip
         self.pairs, self.files, self.keep, self.stop = pairs, files, keep, stop
+        self.decompose = decompose
         self.done: queue.Queue[int | BaseException] = queue.Queue()
         self.tallies: dict[int, _Tally] = {}
         self.changes = _Changes()
@@ -270,12 +286,17 @@ class _Run:
                     self.tallies[i] = tally
             return i, start, end, self.tallies[i]
 
-    def finish(self, i: int) -> None:
-        """Give back pair i's room after the consumer is done with its change."""
-        tally = self.tallies.pop(i)
+    def _finish(self, i: int, tally: _Tally) -> None:
+        """Decompose pair i's change (here, on this worker), give back its room, hand it on."""
+        change = tally.change()
+        if change is not None and self.decompose is not None:
+            _one_torch_thread()
+            tally.decomposed = self.decompose(self.pairs[i], change)
         if tally.room is not None:
             self.changes.release(tally.room)
+            tally.room = None
             self._open.release()
+        self.done.put(i)
 
     def work(self) -> None:
         try:
@@ -288,7 +309,7 @@ class _Run:
                         tally.add(equal, sums)
                         finished = tally.remaining == 0
                     if finished:
-                        self.done.put(i)
+                        self._finish(i, tally)
         except BaseException as e:  # handed to the consumer
             self.stop.set()
             self.done.put(e)
@@ -320,10 +341,13 @@ class _Run:
 
 
 def measure_pairs(pairs: Sequence[Pair], files: TensorFiles, *, keep: Callable[[Pair], bool],
+                  decompose: Decompose | None = None,
                   stop: threading.Event) -> Iterator[tuple[int, Measure]]:  # fmt: skip
     """``(index, Measure)`` of every pair, in the order they finish; two threads read and
-    measure the chunks meanwhile. ``keep(pair)``: hand out B - A as a float32 array, valid
-    until the next item is asked for (``_OPEN`` such arrays exist at most).
+    measure the chunks meanwhile. For each pair that ``keep(pair)`` accepts and that differs
+    (with squares that fit float32), ``decompose(pair, B - A)`` is called on the worker that
+    completes it, with B - A flat in float32 and torch on one thread; ``Measure.decomposed``
+    holds what it returns. At most ``_OPEN`` such changes are held at a time.
 
     Each chunk's sums of squares are taken in float32 by rows (``sum_of_squares``) and added
     in float64; chunks where float32 squares could underflow or overflow, and float64 inputs,
@@ -331,7 +355,7 @@ def measure_pairs(pairs: Sequence[Pair], files: TensorFiles, *, keep: Callable[[
     sums and ``max_abs`` within 2^-24 of max |B - A| (B - A rounded to float32 once); see
     ``tests/test_diff.py``.
     """
-    run = _Run(pairs, files, keep, stop)
+    run = _Run(pairs, files, keep, decompose, stop)
     workers = [threading.Thread(target=run.work, name=f"lorasurgeon-diff-{n}", daemon=True)
                for n in range(_WORKERS)]  # fmt: skip
     for worker in workers:
@@ -339,8 +363,7 @@ def measure_pairs(pairs: Sequence[Pair], files: TensorFiles, *, keep: Callable[[
     try:
         for _ in range(len(pairs)):
             item = _next_done(run, workers)
-            yield item, run.tallies[item].result()
-            run.finish(item)
+            yield item, run.tallies.pop(item).result()
     finally:
         stop.set()
         for worker in workers:
