@@ -142,19 +142,45 @@ def _decode(code: str, raw: bytearray, n: int, out: np.ndarray) -> np.ndarray:
         return out[:n]
     import torch
 
-    _one_torch_thread()
+    _torch_threads.lower()
     torch.from_numpy(out[:n]).copy_(torch.frombuffer(raw, dtype=torch_dtype(code), count=n))
     return out[:n]
 
 
-def _one_torch_thread() -> None:
-    """Let torch use one thread in this worker (OpenMP's count is per thread): the two workers
-    fill both cores, and torch on two threads from each would make four. ``work`` restores it."""
-    import torch
+class _TorchThreads:
+    """torch on one thread in each worker that uses it (OpenMP's count is per thread): the two
+    workers fill both cores, and torch on two threads from each would make four. The count
+    found before the first worker lowered it is put back as each worker ends."""
 
-    if not getattr(_local, "single", False):
-        _local.threads, _local.single = torch.get_num_threads(), True
-        torch.set_num_threads(1)
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lowered = 0  # workers at one thread now
+        self._original = 0
+
+    def lower(self) -> None:
+        if getattr(_local, "lowered", False):
+            return
+        import torch
+
+        with self._lock:
+            if self._lowered == 0:
+                self._original = torch.get_num_threads()
+            self._lowered += 1
+            torch.set_num_threads(1)
+        _local.lowered = True
+
+    def restore(self) -> None:
+        if not getattr(_local, "lowered", False):
+            return
+        import torch
+
+        with self._lock:
+            self._lowered -= 1
+            torch.set_num_threads(self._original)  # this thread's and new threads' count
+        _local.lowered = False
+
+
+_torch_threads = _TorchThreads()
 
 
 @dataclass
@@ -290,7 +316,7 @@ class _Run:
         """Decompose pair i's change (here, on this worker), give back its room, hand it on."""
         change = tally.change()
         if change is not None and self.decompose is not None:
-            _one_torch_thread()
+            _torch_threads.lower()
             tally.decomposed = self.decompose(self.pairs[i], change)
         if tally.room is not None:
             self.changes.release(tally.room)
@@ -314,10 +340,7 @@ class _Run:
             self.stop.set()
             self.done.put(e)
         finally:
-            if getattr(_local, "single", False):
-                import torch
-
-                torch.set_num_threads(_local.threads)
+            _torch_threads.restore()
 
     def _measure(self, pair: Pair, start: int, end: int, tally: _Tally,
                  scratch: _Scratch) -> tuple[bool, Sums | None]:  # fmt: skip

@@ -150,6 +150,21 @@ def test_planted_rank_k_changes_give_rank_k_at_99_percent(tmp_path: Path) -> Non
     assert by_name["model.norm.weight"].status is Status.EQUAL
 
 
+def test_spectrum_leaves_torch_thread_count_as_it_was(tmp_path: Path) -> None:
+    """The workers decompose on one torch thread each and restore the count when they end."""
+    import threading
+
+    a, b = _planted_pair(tmp_path, {"model.layers.0.mlp.up_proj.weight": 2}, (48, 40))
+    before = torch.get_num_threads()
+    report = lorasurgeon.diff(a, b, spectrum=4, device="cpu")
+    seen: list[int] = []
+    fresh = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    fresh.start()
+    fresh.join()
+    assert report.rank_costs["0.99"]["modules"] == 1
+    assert torch.get_num_threads() == before and seen == [before]
+
+
 def test_spectrum_smaller_than_the_rank_says_more_than_k(tmp_path: Path) -> None:
     ranks = {"model.layers.0.mlp.up_proj.weight": 10}
     a, b = _planted_pair(tmp_path, ranks, (48, 40))
