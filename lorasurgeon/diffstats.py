@@ -71,9 +71,12 @@ class _Tally:
         self.energy = self.base = self.biggest = 0.0
         self.decoded = True
         self.decomposed: Any = None
+        self.equal_chunks: list[tuple[int, int]] = []
 
-    def add(self, equal: bool, sums: Sums | None) -> None:
+    def add(self, chunk: tuple[int, int], equal: bool, sums: Sums | None) -> None:
         self.equal = self.equal and equal
+        if equal and self.room is not None:
+            self.equal_chunks.append(chunk)  # B - A is 0 there: zeroed if another chunk differs
         if sums is None:
             self.decoded = False
         else:
@@ -83,9 +86,14 @@ class _Tally:
         self.remaining -= 1
 
     def change(self) -> np.ndarray | None:
-        """B - A in float32 when it was kept, differs and its squares fit float32."""
+        """B - A in float32 when it was kept, differs and its squares fit float32 (chunks
+        equal in A and B are zeroed only now: an equal tensor never touches its room)."""
         fits = not self.equal and self.decoded and 0 < self.energy < _FLOAT32_MAX
-        return self.room[: self.numel] if fits and self.room is not None else None
+        if not fits or self.room is None:
+            return None
+        for start, end in self.equal_chunks:
+            self.room[start:end] = 0
+        return self.room[: self.numel]
 
     def result(self) -> Measure:
         if self.equal:
@@ -332,7 +340,7 @@ class _Run:
                     i, start, end, tally = task
                     equal, sums = self._measure(self.pairs[i], start, end, tally, scratch)
                     with self._tally:
-                        tally.add(equal, sums)
+                        tally.add((start, end), equal, sums)
                         finished = tally.remaining == 0
                     if finished:
                         self._finish(i, tally)
@@ -358,8 +366,6 @@ class _Run:
             return same, (0.0, 0.0, 0.0)
         if not same:
             return False, _chunk_sums(codes, scratch, end - start, change)
-        if change is not None:
-            change[:] = 0
         return True, _equal_sums(codes[0], scratch, end - start)
 
 

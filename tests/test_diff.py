@@ -150,6 +150,31 @@ def test_planted_rank_k_changes_give_rank_k_at_99_percent(tmp_path: Path) -> Non
     assert by_name["model.norm.weight"].status is Status.EQUAL
 
 
+def test_spectrum_of_a_change_in_the_last_chunks_only(tmp_path: Path) -> None:
+    """Chunks equal in A and B count as zeros of B - A, also in a reused (dirty) buffer: the
+    fourth weight's buffer is one the first three used."""
+    gen = torch.Generator().manual_seed(5)
+    shape = (1100, 1000)  # three chunks; rows 700.. lie after the first
+    a, b = {}, {}
+    for layer in range(4):
+        name = f"model.layers.{layer}.mlp.up_proj.weight"
+        a[name] = torch.randn(shape, generator=gen)
+        low_rank = torch.randn(shape[0], 2, generator=gen) @ torch.randn(2, shape[1], generator=gen)
+        if layer == 3:
+            low_rank[:700] = 0
+        b[name] = a[name] + low_rank
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+
+    report = lorasurgeon.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors",
+                              spectrum=4, device="cpu")  # fmt: skip
+
+    for t in report.tensors:
+        want = torch.linalg.svdvals(b[t.name].double() - a[t.name].double())[:2]
+        assert t.spectrum is not None and t.spectrum.ranks["0.99"] == 2, t.name
+        assert t.spectrum.values[:2] == pytest.approx(want.tolist(), rel=1e-5), t.name
+
+
 def test_spectrum_leaves_torch_thread_count_as_it_was(tmp_path: Path) -> None:
     """The workers decompose on one torch thread each and restore the count when they end."""
     import threading
