@@ -16,8 +16,9 @@ cache holds them, then times, each as its own process (``/usr/bin/time -v``):
   extract    ``lorasurgeon extract BASE TUNED -o OUT --rank 64``
 
 and prints the issue's targets: diff within 1.3x of read, spectrum no slower than extract.
-``--json FILE`` writes every number. Timings on a shared machine are noisy: the CPU load
-sampled before each run is printed with it.
+``--repeat N`` runs the four in turn N times and compares the medians (on a shared machine
+one run says little). ``--json FILE`` writes every number. The CPU load sampled before each
+run is printed with it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -81,26 +83,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/lorasurgeon-bench"))
     p.add_argument("--shard-size", default="1GB")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--repeat", type=int, default=1, help="runs of each command (medians)")
     args = p.parse_args(argv)
     spec = SPECS[args.size]
     base, _, _ = ensure_checkpoints(spec, args.workdir, parse_size(args.shard_size), "fp32")
     tuned, _ = ensure_tuned(spec, args.workdir, base, TuneSpec())
     warm(base, tuned)
-    results = {}
+    runs: dict[str, list[dict[str, float | None]]] = {}
     with tempfile.TemporaryDirectory(prefix="diff-bench-", dir=args.workdir) as tmp:
-        for name, cmd in _commands(base, tuned, Path(tmp) / "lora").items():
-            busy = cpu_busy()
-            run = timed_run(cmd, env=subprocess_env())
-            if not run.ok:
-                print(f"{name}: failed\n{run.stderr_tail}", file=sys.stderr)
-                return 1
-            results[name] = {"wall_s": run.wall_s, "cpu_s": run.cpu_s,
-                             "max_rss_mb": run.max_rss_mb, "cpu_busy_before": busy}  # fmt: skip
-            print(f"{name:>9}: {run.wall_s:7.2f} s wall, {run.cpu_s or 0:7.2f} s CPU, "
-                  f"{run.max_rss_mb:7.0f} MB peak RSS (CPU busy before: {busy})")  # fmt: skip
-            shutil.rmtree(Path(tmp) / "lora", ignore_errors=True)
-    diff_ratio = results["diff"]["wall_s"] / results["read"]["wall_s"]
-    spec_ratio = results["spectrum"]["wall_s"] / results["extract"]["wall_s"]
+        for _ in range(args.repeat):
+            for name, cmd in _commands(base, tuned, Path(tmp) / "lora").items():
+                busy = cpu_busy()
+                run = timed_run(cmd, env=subprocess_env())
+                if not run.ok:
+                    print(f"{name}: failed\n{run.stderr_tail}", file=sys.stderr)
+                    return 1
+                runs.setdefault(name, []).append({"wall_s": run.wall_s, "cpu_s": run.cpu_s,
+                                                  "max_rss_mb": run.max_rss_mb,
+                                                  "cpu_busy_before": busy})  # fmt: skip
+                print(f"{name:>9}: {run.wall_s:7.2f} s wall, {run.cpu_s or 0:7.2f} s CPU, "
+                      f"{run.max_rss_mb:7.0f} MB peak RSS (CPU busy before: {busy})")  # fmt: skip
+                shutil.rmtree(Path(tmp) / "lora", ignore_errors=True)
+    wall = {name: statistics.median(r["wall_s"] or 0.0 for r in rs) for name, rs in runs.items()}
+    cpu = {name: statistics.median(r["cpu_s"] or 0.0 for r in rs) for name, rs in runs.items()}
+    results: dict[str, object] = {"runs": runs, "median_wall_s": wall, "median_cpu_s": cpu}
+    if args.repeat > 1:
+        print("medians: " + ", ".join(f"{n} {w:.2f} s ({cpu[n]:.2f} s CPU)"
+                                      for n, w in wall.items()))  # fmt: skip
+    diff_ratio = wall["diff"] / wall["read"]
+    spec_ratio = wall["spectrum"] / wall["extract"]
     verdict = "met" if diff_ratio <= 1.3 else "NOT met"
     print(f"diff / read = {diff_ratio:.2f} (target <= 1.3): {verdict}")
     print(f"diff --spectrum 64 / extract --rank 64 = {spec_ratio:.2f} (target <= 1.0): "

@@ -1,7 +1,7 @@
 """What changed between two checkpoints: ``diff`` (per tensor, grouped, and with ``spectrum``
 the singular values of each changed weight and the rank it takes to extract).
 
-Streams both checkpoints tensor by tensor (one read ahead); writes nothing.
+Streams both checkpoints in chunks on two threads (``diffstats``); writes nothing.
 """
 
 from __future__ import annotations
@@ -11,16 +11,17 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
+from functools import partial
 from typing import Any
 
+from .diffstats import Measure, measure_pairs
 from .engine import ProgressCallback
 from .errors import OptionError
 from .locations import Location, Role, resolve
-from .pipeline import BufferPool, prefetch
-from .reader import Checkpoint, TensorFiles, TensorInfo, as_tensor, open_checkpoint
+from .reader import Checkpoint, TensorFiles, TensorInfo, open_checkpoint
 
 __all__ = [
     "DEFAULT_SPECTRUM",
@@ -76,8 +77,6 @@ _GROUP_PATTERNS = (
     (Group.ATTENTION, re.compile(r"attn|attention|(^|\.)(q|k|v|o|qkv)_?proj|query|key|value")),
     (Group.MLP, re.compile(r"mlp|ffn|feed_forward|expert|(^|\.)(gate|up|down)_proj|fc\d|c_fc")),
 )
-# Elements compared at a time: 4 MiB of float32 per buffer, small enough for the CPU's cache.
-_CHUNK = 1 << 20
 _LAYER = re.compile(r"\.(\d+)(\.|$)")
 _SUFFIXES = ("weight", "bias")
 
@@ -205,53 +204,23 @@ def _spectrum(change: Any, shape: tuple[int, int], k: int) -> Spectrum:
     return Spectrum(shape, svd.s.tolist(), total, min(kept, 1.0), ranks)
 
 
-def _compare(pair: tuple[TensorInfo, TensorInfo], data: tuple[bytearray, bytearray],
-             k: int | None, device: Any) -> dict[str, Any]:  # fmt: skip
-    """Values of B against A: status, relative change, max abs change, spectrum."""
-    a_info, b_info = pair
-    with memoryview(data[0]) as left, memoryview(data[1]) as right:
-        same = left[: a_info.nbytes] == right[: b_info.nbytes]
-    if a_info.dtype == b_info.dtype and same:
+def _values(pair: tuple[TensorInfo, TensorInfo], m: Measure) -> dict[str, Any]:
+    """Status, relative change, max abs change and spectrum of B against A."""
+    if m.equal:
         return {"status": Status.EQUAL}
-    status = Status.CHANGED if a_info.dtype == b_info.dtype else Status.DTYPE
-    if not _decodable(a_info.dtype) or not _decodable(b_info.dtype):
+    status = Status.CHANGED if pair[0].dtype == pair[1].dtype else Status.DTYPE
+    if m.energy is None or m.base is None:
         return {"status": status}
-    shape = _shape2(a_info) if k is not None else None
-    a, b = as_tensor(a_info, data[0]), as_tensor(b_info, data[1])
-    energy, base, biggest, change = _measure(a, b, keep=shape is not None)
+    energy, base = m.energy, m.base
     result: dict[str, Any] = {
         "status": status,
         "change_energy": energy,
         "rel_change": math.sqrt(energy / base) if base else (0.0 if energy == 0 else math.inf),
-        "max_abs": biggest,
+        "max_abs": m.max_abs,
     }
-    if k is not None and shape is not None and energy > 0 and math.isfinite(energy):
-        result["spectrum"] = _spectrum(change.to(device), shape, k)
+    if m.decomposed is not None:
+        result["spectrum"] = m.decomposed
     return result
-
-
-def _measure(a: Any, b: Any, *, keep: bool) -> tuple[float, float, float, Any]:
-    """‖b - a‖_F², ‖a‖_F², max |b - a| and (with ``keep``) b - a in float32, by chunks that
-    stay in the CPU's cache: each chunk's sums by torch in float32, the chunks' in float64."""
-    import torch
-
-    a, b = a.reshape(-1), b.reshape(-1)
-    n = a.numel()
-    change = torch.empty(n, dtype=torch.float32) if keep else None
-    size = min(n, _CHUNK)
-    left, work = torch.empty(size, dtype=torch.float32), torch.empty(size, dtype=torch.float32)
-    energy, base, biggest = 0.0, 0.0, 0.0
-    for start in range(0, n, _CHUNK):
-        stop = min(n, start + _CHUNK)
-        x = left[: stop - start]
-        d = change[start:stop] if change is not None else work[: stop - start]
-        x.copy_(a[start:stop])
-        d.copy_(b[start:stop]).sub_(x)
-        energy += float(torch.linalg.vector_norm(d)) ** 2
-        base += float(torch.linalg.vector_norm(x)) ** 2
-        low, high = torch.aminmax(d)
-        biggest = max(biggest, -float(low), float(high))
-    return energy, base, biggest, change
 
 
 def _decodable(code: str) -> bool:
@@ -287,27 +256,6 @@ def _pairs(ca: Checkpoint, cb: Checkpoint) -> tuple[list[tuple[TensorInfo, Tenso
     decided += [_entry(n, None, b, status=Status.ONLY_B) for n, b in cb.tensors.items()
                 if n not in ca.tensors]  # fmt: skip
     return pairs, decided
-
-
-def _stream(pairs: Sequence[tuple[TensorInfo, TensorInfo]], files: TensorFiles,
-            pool: BufferPool, stop: threading.Event
-            ) -> Iterator[tuple[tuple[TensorInfo, TensorInfo],
-                                tuple[bytearray, bytearray]]]:  # fmt: skip
-    """Each pair's stored bytes, read ahead into reused buffers (a fresh buffer per tensor
-    costs its zero-fill and page faults, as much as the comparison)."""
-
-    def load(pair: tuple[TensorInfo, TensorInfo]) -> tuple[bytearray, bytearray]:
-        buffers = pool.acquire(stop), pool.acquire(stop)
-        try:
-            for info, buffer in zip(pair, buffers, strict=True):
-                files.read_into(info, memoryview(buffer)[: info.nbytes])
-        except BaseException:
-            for buffer in buffers:
-                pool.release(buffer)
-            raise
-        return buffers
-
-    return prefetch(pairs, load, depth=1, stop=stop)
 
 
 def _groups(tensors: Sequence[TensorDiff]) -> dict[str, dict[str, float]]:
@@ -357,8 +305,9 @@ def diff(
     """Compare two checkpoints tensor by tensor, streaming; nothing is written.
 
     Each tensor name is equal (bit for bit), changed (``rel_change`` = ‖B - A‖_F / ‖A‖_F and
-    ``max_abs`` = max |B - A|, computed in float32 by chunks whose sums are added in float64),
-    only in A or B, or differs in shape or dtype (a dtype change is compared by value).
+    ``max_abs`` = max |B - A|, within 1e-6 and 2^-24 of their float64 values: see
+    ``diffstats.measure_pairs``), only in A or B, or differs in shape or dtype (a dtype change
+    is compared by value).
     ``groups`` sums the change's energy by model part. With ``spectrum`` = K, each changed
     tensor of two or more dimensions also gets its top K singular values (randomized SVD)
     with the exact share of the energy they hold and the ranks for 50/90/99% of it;
@@ -368,7 +317,8 @@ def diff(
         a, b: checkpoints (directory, ``.safetensors`` file or Hub id); B - A is the change.
         spectrum: K, singular values per changed weight; None: no spectra.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``: where the SVDs of ``spectrum`` run
-            (values are compared on the CPU, next to the reads).
+            (values are compared on the CPU, next to the reads; without ``spectrum``, torch
+            is not even imported unless ``device`` is not ``auto``, to check it).
         progress: called with (bytes read, bytes to read).
 
     Raises:
@@ -392,27 +342,40 @@ def diff(
 
 def _compare_all(pairs: Sequence[tuple[TensorInfo, TensorInfo]], k: int | None, device: str,
                  progress: ProgressCallback | None) -> list[TensorDiff]:  # fmt: skip
-    from .ops import resolve_device
+    decompose = None
+    if k is not None or device != "auto":  # plain diff compares on the CPU without torch
+        from .ops import resolve_device
 
-    dev = resolve_device(device)
+        dev = resolve_device(device)
+        if k is not None:
+            decompose = partial(_decompose, k=k, device=dev)
     total, done = sum(x.nbytes + y.nbytes for x, y in pairs), 0
-    stop, results = threading.Event(), []
-    largest = max((max(x.nbytes, y.nbytes) for x, y in pairs), default=0)
-    pool = BufferPool(largest, 4)  # prefetch depth 1: two pairs at most
+    results = []
     with TensorFiles() as files:
-        stream = _stream(pairs, files, pool, stop)
-        try:
-            for pair, data in stream:
-                try:
-                    values = _compare(pair, data, k, dev)
-                finally:
-                    for buffer in data:
-                        pool.release(buffer)
-                results.append(_entry(pair[0].name, *pair, **values))
-                done += pair[0].nbytes + pair[1].nbytes
-                if progress is not None:
-                    progress(done, total)
-        finally:
-            stop.set()
-            stream.close()  # type: ignore[attr-defined]
+        for i, measured in measure_pairs(pairs, files, keep=_kept if k is not None else _none,
+                                         decompose=decompose, stop=threading.Event()):  # fmt: skip
+            pair = pairs[i]
+            results.append(_entry(pair[0].name, *pair, **_values(pair, measured)))
+            done += pair[0].nbytes + pair[1].nbytes
+            if progress is not None:
+                progress(done, total)
     return results
+
+
+def _kept(pair: tuple[TensorInfo, TensorInfo]) -> bool:
+    """B - A is wanted in float32: a weight whose spectrum ``--spectrum`` computes."""
+    return _shape2(pair[0]) is not None and all(_decodable(info.dtype) for info in pair)
+
+
+def _none(pair: tuple[TensorInfo, TensorInfo]) -> bool:
+    return False
+
+
+def _decompose(pair: tuple[TensorInfo, TensorInfo], change: Any, *, k: int,
+               device: Any) -> Spectrum:  # fmt: skip
+    """The spectrum of one change (flat float32 numpy), on ``device``: called on a worker."""
+    import torch
+
+    shape = _shape2(pair[0])
+    assert shape is not None  # _kept
+    return _spectrum(torch.from_numpy(change).to(device), shape, k)

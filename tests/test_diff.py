@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 import lorasurgeon
 from lorasurgeon.diff import Group, Status, group_of, layer_of, module_kind
+from lorasurgeon.diffstats import CHUNK
 from tests.conftest import TinyBase, load_checkpoint, make_adapter, peft_merge
 from tests.test_cli import run_cli
 
@@ -149,6 +150,46 @@ def test_planted_rank_k_changes_give_rank_k_at_99_percent(tmp_path: Path) -> Non
     assert by_name["model.norm.weight"].status is Status.EQUAL
 
 
+def test_spectrum_of_a_change_in_the_last_chunks_only(tmp_path: Path) -> None:
+    """Chunks equal in A and B count as zeros of B - A, also in a reused (dirty) buffer: the
+    fourth weight's buffer is one the first three used."""
+    gen = torch.Generator().manual_seed(5)
+    shape = (1100, 1000)  # three chunks; rows 700.. lie after the first
+    a, b = {}, {}
+    for layer in range(4):
+        name = f"model.layers.{layer}.mlp.up_proj.weight"
+        a[name] = torch.randn(shape, generator=gen)
+        low_rank = torch.randn(shape[0], 2, generator=gen) @ torch.randn(2, shape[1], generator=gen)
+        if layer == 3:
+            low_rank[:700] = 0
+        b[name] = a[name] + low_rank
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+
+    report = lorasurgeon.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors",
+                              spectrum=4, device="cpu")  # fmt: skip
+
+    for t in report.tensors:
+        want = torch.linalg.svdvals(b[t.name].double() - a[t.name].double())[:2]
+        assert t.spectrum is not None and t.spectrum.ranks["0.99"] == 2, t.name
+        assert t.spectrum.values[:2] == pytest.approx(want.tolist(), rel=1e-5), t.name
+
+
+def test_spectrum_leaves_torch_thread_count_as_it_was(tmp_path: Path) -> None:
+    """The workers decompose on one torch thread each and restore the count when they end."""
+    import threading
+
+    a, b = _planted_pair(tmp_path, {"model.layers.0.mlp.up_proj.weight": 2}, (48, 40))
+    before = torch.get_num_threads()
+    report = lorasurgeon.diff(a, b, spectrum=4, device="cpu")
+    seen: list[int] = []
+    fresh = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    fresh.start()
+    fresh.join()
+    assert report.rank_costs["0.99"]["modules"] == 1
+    assert torch.get_num_threads() == before and seen == [before]
+
+
 def test_spectrum_smaller_than_the_rank_says_more_than_k(tmp_path: Path) -> None:
     ranks = {"model.layers.0.mlp.up_proj.weight": 10}
     a, b = _planted_pair(tmp_path, ranks, (48, 40))
@@ -170,6 +211,97 @@ def test_diff_reports_tensors_on_one_side_and_reshaped(tmp_path: Path) -> None:
     assert status == {"x.weight": Status.DTYPE, "only_a": Status.ONLY_A,
                       "r.weight": Status.SHAPE, "only_b": Status.ONLY_B}  # fmt: skip
     assert {t.name: t.rel_change for t in report.tensors}["x.weight"] == 0.0
+
+
+# Statistics against their float64 definitions: ‖B - A‖² and ‖A‖² within 1e-6 (float32 rows
+# summed by cascade, rows added in float64), max |B - A| within 2^-24 (B - A rounded once).
+_STAT_TOL = {"change_energy": 1e-6, "rel_change": 1e-6, "max_abs": 2.0**-23}
+_N = CHUNK + 4099  # two chunks, the second partial (and not a multiple of a row)
+
+
+def _stat_tensors(dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(A, B) in float64 before rounding to ``dtype``, one pair per kind of trouble."""
+    gen, info = torch.Generator().manual_seed(7), torch.finfo(dtype)
+
+    def randn(scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(_N, generator=gen, dtype=torch.float64) * scale
+
+    heavy = randn() ** 5  # heavy tails: a float32 sum over a chunk loses ~1e-4 here
+    last_chunk = randn()
+    late = last_chunk.clone()
+    late[CHUNK + 7] += 1.0  # equal bytes in the first chunk, which still counts in ‖A‖
+    return {
+        "model.layers.0.mlp.up_proj.weight": (randn(0.02), randn(0.02) * 1e-3 + 0.02),
+        "model.layers.0.mlp.down_proj.weight": (heavy, heavy + randn(1e-2)),
+        # float32 squares overflow (bf16, fp32) or underflow; B - A overflows float32
+        "model.layers.0.self_attn.q_proj.weight": (randn(info.max / 1e8), randn(info.max / 1e8)),
+        "model.layers.0.self_attn.k_proj.weight": (randn(info.tiny * 4), randn(info.tiny * 4)),
+        "model.layers.0.self_attn.v_proj.weight": (last_chunk, late),
+        "model.layers.0.self_attn.o_proj.weight": (randn(info.max / 8), -randn(info.max / 8)),
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_diff_statistics_match_their_float64_definitions(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    pairs = _stat_tensors(dtype)
+    limit = torch.finfo(dtype).max
+    stored = {name: tuple(x.clamp(-limit, limit).to(dtype) for x in pair)
+              for name, pair in pairs.items()}  # fmt: skip
+    up = pairs["model.layers.0.mlp.up_proj.weight"]
+    stored["dtype.changed.weight"] = (up[0].to(dtype), up[1].float())
+    save_file({n: p[0] for n, p in stored.items()}, str(tmp_path / "a.safetensors"))
+    save_file({n: p[1] for n, p in stored.items()}, str(tmp_path / "b.safetensors"))
+
+    report = lorasurgeon.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", device="cpu")
+
+    for t in report.tensors:
+        a, b = (x.double() for x in stored[t.name])
+        d = b - a
+        energy = float((d * d).sum())
+        want = {
+            "change_energy": energy,
+            "rel_change": math.sqrt(energy / float((a * a).sum())),
+            "max_abs": float(d.abs().max()),
+        }
+        for key, expected in want.items():
+            assert energy > 0 and math.isfinite(energy), t.name
+            assert getattr(t, key) == pytest.approx(expected, rel=_STAT_TOL[key]), (t.name, key)
+
+
+def test_diff_decodes_every_dtype_and_empty_tensors(tmp_path: Path) -> None:
+    """numpy decodes F32/F64/BF16 itself, torch the others; empty tensors are equal."""
+    gen = torch.Generator().manual_seed(3)
+    a = {"f64.weight": torch.randn(50, 3, generator=gen, dtype=torch.float64),
+         "f16.weight": torch.randn(33, 2, generator=gen).half(),
+         "f8.weight": torch.randn(100, generator=gen).to(torch.float8_e4m3fn),
+         "i32.weight": torch.arange(10, dtype=torch.int32),
+         "u8.weight": torch.arange(9, dtype=torch.uint8),
+         "empty_bf16.weight": torch.zeros(0, 4, dtype=torch.bfloat16),
+         "empty_f16.weight": torch.zeros(0, dtype=torch.float16)}  # fmt: skip
+    b = {k: v.clone() for k, v in a.items()}
+    b["f64.weight"][0, 0] += 1
+    b["f16.weight"][5, 1] += 1
+    b["f8.weight"] = (a["f8.weight"].float() + 0.5).to(torch.float8_e4m3fn)
+    b["i32.weight"][3] = 100
+    b["u8.weight"][1] = 7
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+
+    report = lorasurgeon.diff(tmp_path / "a.safetensors", tmp_path / "b.safetensors", device="cpu")
+
+    by_name = {t.name: t for t in report.tensors}
+    assert {n for n, t in by_name.items() if t.status is Status.EQUAL} == {
+        "empty_bf16.weight", "empty_f16.weight"}  # fmt: skip
+    for name in a:
+        if name.startswith("empty"):
+            continue
+        x, y = a[name].double(), b[name].double()
+        d = y - x
+        t = by_name[name]
+        assert t.change_energy == pytest.approx(float((d * d).sum()), rel=1e-12), name
+        assert t.max_abs == float(d.abs().max()), name
 
 
 # ------------------------------------------------------------------------------ verify
