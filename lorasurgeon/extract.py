@@ -37,9 +37,9 @@ from .extract_diffusion import (
     DiffusionPlan,
     Spelling,
     extract_diffusion,
-    is_diffusion_checkpoint,
     plan_diffusion_extraction,
 )
+from .layouts import is_diffusion_checkpoint
 from .locations import Location, Role, resolve
 from .options import (
     DEFAULT_FIXED_RANK,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .adapters import ModuleReport
 from .diffusion import refuse_float8
-from .errors import IncompatibleError, LorasurgeonError, OptionError
+from .errors import IncompatibleError, OptionError
 from .formats.model import Component, Family
 from .layouts import Layout, Piece, Target, open_layout
 from .options import DEFAULT_FIXED_RANK, DEFAULT_MAX_RANK, RankMethod, RankPolicy, SvdMethod
@@ -45,7 +45,6 @@ __all__ = [
     "drop_unchanged_text",
     "module_factors",
     "select_module_ranks",
-    "is_diffusion_checkpoint",
     "plan_diffusion_extraction",
 ]
 
@@ -53,8 +52,6 @@ __all__ = [
 DEFAULT_TEXT_THRESHOLD = 0.01
 
 # Tensor-name roots only diffusion checkpoints have (spec §5.2).
-_DIFFUSION_ROOTS = ("model.diffusion_model.", "input_blocks.", "down_blocks.", "double_blocks.",
-                    "single_blocks.", "single_transformer_blocks.")  # fmt: skip
 _LDM_ROOTS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.",
               "out.")  # fmt: skip
 _BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "time_in.", "vector_in.",
@@ -89,18 +86,6 @@ class Spelling(str, Enum):
 
     DIFFUSERS = "diffusers"
     KOHYA = "kohya"
-
-
-def is_diffusion_checkpoint(path: Path) -> bool:
-    """A diffusers pipeline folder, or a checkpoint with UNet/DiT tensors (spec §5.2); False
-    for anything else, including what cannot be read (its own command reports that)."""
-    if path.is_dir() and (path / "model_index.json").is_file():
-        return True
-    try:
-        with open_checkpoint(path) as checkpoint:
-            return any(n.startswith(_DIFFUSION_ROOTS) for n in checkpoint.tensors)
-    except LorasurgeonError:
-        return False
 
 
 @dataclass(frozen=True)

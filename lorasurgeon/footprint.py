@@ -79,15 +79,26 @@ def estimate_memory(job: Job) -> int:
     }  # fmt: skip
     estimator = estimators.get(job.command)
     try:
-        if estimator is not None:
-            return PROCESS_BYTES + estimator(job)
-    except LorasurgeonError as e:  # e.g. diffusion inputs, which these plans do not read
-        logger.debug("%s: %s; estimated from the inputs' headers", job.name, e)
-    try:
-        return PROCESS_BYTES + _estimate_from_headers(job)
+        if estimator is None or _reads_diffusion_files(job):
+            return PROCESS_BYTES + _estimate_from_headers(job)
+        return PROCESS_BYTES + estimator(job)
     except LorasurgeonError as e:
         logger.debug("%s: no estimate (%s); the job will fail as it plans", job.name, e)
         return PROCESS_BYTES
+
+
+def _reads_diffusion_files(job: Job) -> bool:
+    """extract of diffusion checkpoints, combine and resize of diffusion LoRA files: inputs the
+    plan-based estimates do not read (merge plans them itself)."""
+    from .diffusion import is_lora_file
+    from .layouts import is_diffusion_checkpoint
+    from .locations import Role, resolve
+
+    if job.command is Command.EXTRACT:
+        return is_diffusion_checkpoint(resolve(job.inputs[0], role=Role.CHECKPOINT).path)
+    if job.command in (Command.COMBINE, Command.RESIZE):
+        return is_lora_file(resolve(job.inputs[0], role=Role.ANY).path)
+    return False
 
 
 def _estimate_from_headers(job: Job) -> int:

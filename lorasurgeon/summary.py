@@ -28,8 +28,6 @@ __all__ = [
 ]
 
 #: Tensor-name prefixes of the UNet/DiT of a diffusion checkpoint (a layout is read only then).
-_DIFFUSION_PREFIXES = ("model.diffusion_model.", "input_blocks.", "down_blocks.",
-                       "double_blocks.", "single_transformer_blocks.")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -178,7 +176,9 @@ def _layout_summary(path: Path) -> DiffusionSummary:
 
 
 def _is_diffusion_checkpoint(checkpoint: Checkpoint) -> bool:
-    return any(name.startswith(_DIFFUSION_PREFIXES) for name in checkpoint.tensors)
+    from .layouts import has_diffusion_tensors
+
+    return has_diffusion_tensors(checkpoint.tensors)
 
 
 def _folder_counts(path: Path, layout: DiffusionSummary) -> dict[str, Any]:

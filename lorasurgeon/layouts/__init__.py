@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from ..errors import CheckpointError, OptionError
+from ..errors import CheckpointError, LorasurgeonError, OptionError
 from ..formats.model import Component, Family
 from ..reader import TensorInfo, open_checkpoint
 from .clip import hf_clip_aliases, open_clip_aliases
@@ -27,11 +27,17 @@ __all__ = [
     "Resolution",
     "Target",
     "delta_shape",
+    "has_diffusion_tensors",
+    "is_diffusion_checkpoint",
     "open_layout",
     "resolve_updates",
 ]
 
 _LDM_UNET = "model.diffusion_model."
+# Roots that only a diffusion model's UNet/DiT tensors have (LDM, diffusers UNet, BFL, diffusers
+# FLUX): a checkpoint with any of them is read by a layout.
+_DIFFUSION_ROOTS = (_LDM_UNET, "input_blocks.", "down_blocks.", "double_blocks.", "single_blocks.",
+                    "single_transformer_blocks.")  # fmt: skip
 # LDM text-encoder roots: prefix -> (components, OpenCLIP?)
 _LDM_TEXT: dict[str, tuple[tuple[Component, ...], bool]] = {
     "cond_stage_model.transformer.": ((Component.TE, Component.TE1), False),
@@ -270,3 +276,20 @@ def open_layout(path: str | os.PathLike[str], *, variant: str | None = None) -> 
         tensors = dict(checkpoint.tensors)
         file = checkpoint.index_path or checkpoint.shards[0].path
     return _single_file(p, file, tensors)
+
+
+def has_diffusion_tensors(names: Iterable[str]) -> bool:
+    """Whether tensor ``names`` include a diffusion UNet's or DiT's (spec §5.2)."""
+    return any(name.startswith(_DIFFUSION_ROOTS) for name in names)
+
+
+def is_diffusion_checkpoint(path: Path) -> bool:
+    """A diffusers pipeline folder, or a checkpoint with UNet/DiT tensors (spec §5.2); False
+    for anything else, including what cannot be read (its own command reports that)."""
+    if path.is_dir() and (path / "model_index.json").is_file():
+        return True
+    try:
+        with open_checkpoint(path) as checkpoint:
+            return has_diffusion_tensors(checkpoint.tensors)
+    except LorasurgeonError:
+        return False
