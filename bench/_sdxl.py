@@ -461,12 +461,13 @@ def write_lora(path: Path, modules: dict[str, Target], spec: SdxlSpec, seed: int
             yield _tensor_bytes(torch.tensor(spec.alpha, dtype=torch.float16))
             return
         gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
-        shape = next(s for n, _, s in entries if n == key)
+        shape = shapes[key]
         t = torch.rand(shape, generator=gen).mul_(2).sub_(1)
         fan_in = math.prod(shape[1:])
         t = t.mul_(fan_in**-0.5) if part.startswith("lora_down") else t.mul_(0.01)
         yield _tensor_bytes(t.half())
 
+    shapes = {n: s for n, _, s in entries}
     conv = {"conv_dim": str(spec.rank), "conv_alpha": str(spec.alpha)}
     metadata = {
         "format": "pt",

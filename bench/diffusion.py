@@ -260,15 +260,17 @@ def sample_modules(modules: dict, count: int) -> list[str]:
     return sorted({names[round(i * step)] for i in range(count)})
 
 
-def _folder_place(inputs, tensor: str, rows):
-    """Where a single-file tensor (rows) lives in a diffusers folder: (component, name)."""
+def _folder_places(inputs) -> dict[tuple[str, object], tuple[str, str]]:
+    """(single-file tensor, rows) -> (component, name) in the diffusers folder."""
     import _sdxl
 
-    for component, sources in _sdxl.folder_sources(_sdxl.meta_model(inputs.spec)).items():
-        for name, src in sources.items():
-            if src.tensor == tensor and src.rows == rows and not src.transposed:
-                return component, name
-    raise KeyError(tensor)
+    sources = _sdxl.folder_sources(_sdxl.meta_model(inputs.spec))
+    return {
+        (src.tensor, src.rows): (component, name)
+        for component, by_name in sources.items()
+        for name, src in by_name.items()
+        if not src.transposed
+    }
 
 
 def read_single(path: Path, tensor: str, rows):
@@ -293,11 +295,11 @@ def read_folder(folder: Path, component: str, name: str):
 
 
 def merge_check_names(inputs, count: int) -> list[tuple[str, tuple[str, object], tuple[str, str]]]:
-    picked = sample_modules(inputs.modules, count)
+    places = _folder_places(inputs)
     out = []
-    for module in picked:
+    for module in sample_modules(inputs.modules, count):
         t = inputs.modules[module]
-        out.append((module, (t.tensor, t.rows), _folder_place(inputs, t.tensor, t.rows)))
+        out.append((module, (t.tensor, t.rows), places[(t.tensor, t.rows)]))
     return out
 
 
@@ -609,17 +611,9 @@ def run_extract(inputs, args: argparse.Namespace, out_root: Path) -> dict:
     tools = [t for t in (ours,) if first.ok and t.repeat > 0]
     if args.baseline == "always" or (args.baseline == "auto" and first.ok):
         tools.append(baseline)
-    elif first.ok or args.baseline == "never":
-        print(
-            "  full-SVD baseline: not run (--baseline never)" if args.baseline == "never" else "",
-            flush=True,
-        )
-    if not first.ok and args.baseline == "auto":
-        print(
-            "  full-SVD baseline: not run, nothing to compare it with (--baseline always runs "
-            "it anyway)",
-            flush=True,
-        )
+    else:
+        why = "--baseline never" if args.baseline == "never" else "nothing to compare it with"
+        print(f"  full-SVD baseline: not run ({why}; --baseline always runs it)", flush=True)
     if tools:
         for key, runs in run_tools(tools, args, keep).items():
             results.setdefault(key, []).extend(runs)
