@@ -52,8 +52,9 @@ def update_delta(
 def _bias_delta(
     update: ModuleUpdate, factors: Mapping[str, torch.Tensor], scaling: float
 ) -> torch.Tensor:
-    stored = factors["diff_b"] if update.kind is Kind.FULL else factors["b_norm"]
-    return stored.float().reshape(1, -1) * scaling
+    # full: diff_b, norm: b_norm, LoRA with lora_bias: PEFT's ``scaling · lora_B.bias``
+    part = {Kind.FULL: "diff_b", Kind.NORM: "b_norm"}.get(update.kind, "up_bias")
+    return factors[part].float().reshape(1, -1) * scaling
 
 
 def placed_update(

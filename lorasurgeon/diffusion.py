@@ -17,7 +17,7 @@ from .reader import TensorInfo
 
 __all__ = ["DiffusionChanges", "diffusion_changes", "is_lora_file", "refuse_float8"]
 
-_BIAS_PARTS = ("diff_b", "b_norm")
+_BIAS_PARTS = ("diff_b", "b_norm", "up_bias")  # full, norm, diffusers lora_B.bias
 
 
 def is_lora_file(path: Path) -> bool:

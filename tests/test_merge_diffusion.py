@@ -783,3 +783,38 @@ def test_diffusers_dora_on_a_fused_tensor_or_unmerged_is_refused(
     unet_only, _ = _dora_file(model, tmp_path / "u", text=False)
     code, err = _run(capsys, "merge", base, unet_only, "-o", out, "--unmerge")
     assert code == 1 and "cannot be undone" in err and not out.exists()
+
+
+def test_diffusers_file_with_lora_bias_adds_the_bias_delta(
+    models: dict[str, TinySD], tmp_path: Path
+) -> None:
+    """A diffusers file of a lora_bias LoRA (lora_B.bias) into an LDM SD1 file: the base
+    bias gets m·s·lora_B.bias as in PEFT's merge after scale_layer(m), on Linear and conv
+    modules, weights as usual."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = models["sd1"]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_out.0", "conv1"], lora_bias=True)
+    unet = inject_adapter_in_model(config, copy.deepcopy(model.unet))
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    layers = _dora_layers(unet)
+    assert any(k.endswith("lora_B.bias") for k in layers)
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict()
+    )
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    base = save_ldm(model, tmp_path / "base.safetensors")
+    lorasurgeon.merge(base, [lora], tmp_path / "out.safetensors", weights=[0.7])
+    fused = _peft_fused(unet, 0.7)
+    expected = {
+        "model.diffusion_model." + ldm: fused[name] for name, ldm in ldm_names(list(fused)).items()
+    }
+    original = load_file(str(base))
+    changed = {k: v for k, v in expected.items() if not torch.equal(v, original[k])}
+    assert any(k.endswith("to_out.0.bias") for k in changed)
+    assert any(k.endswith("in_layers.2.bias") for k in changed)
+    assert_merged(tmp_path / "out.safetensors", base, changed, atol=2e-6)
