@@ -52,8 +52,9 @@ def update_delta(
 def _bias_delta(
     update: ModuleUpdate, factors: Mapping[str, torch.Tensor], scaling: float
 ) -> torch.Tensor:
-    stored = factors["diff_b"] if update.kind is Kind.FULL else factors["b_norm"]
-    return stored.float().reshape(1, -1) * scaling
+    # full: diff_b, norm: b_norm, LoRA with lora_bias: PEFT's ``scaling · lora_B.bias``
+    part = {Kind.FULL: "diff_b", Kind.NORM: "b_norm"}.get(update.kind, "up_bias")
+    return factors[part].float().reshape(1, -1) * scaling
 
 
 def placed_update(
@@ -67,7 +68,8 @@ def placed_update(
 ) -> ops.Update:
     """The ``ops`` update that adds ``update``'s delta (``delta_rows`` of it) to the tensor of
     ``shape`` (into ``weight_rows``, transposed when the piece says so). A plain LoRA on a whole
-    tensor stays factored (``ops.LoraDelta``, merged block by block)."""
+    tensor stays factored (``ops.LoraDelta``, merged block by block); with a ``magnitude``
+    (diffusers DoRA) it is merged as PEFT's DoRA (``ops.LoraDelta.magnitude``)."""
     import torch
 
     factors = {name: get(info) for name, info in update.factors.items()}
@@ -78,7 +80,11 @@ def placed_update(
         return ops.WeightDecompose(delta, get(update.dora_scale), scaling / update.scaling)
     if update.kind is Kind.LORA and whole and not bias:
         a, b = factors["down"], factors["up"]
-        return ops.LoraDelta(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), scaling)
+        # PEFT's DoRA (diffusers files): m·s in ``scaling``, as fuse_lora(lora_scale=m) scales
+        # the layer before merging, so the norm is taken of W + m·s·Δ
+        magnitude = factors["magnitude"].reshape(-1) if "magnitude" in factors else None
+        return ops.LoraDelta(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), scaling,
+                             magnitude=magnitude)  # fmt: skip
     delta = (
         _bias_delta(update, factors, scaling) if bias else update_delta(update, factors, scaling)
     )

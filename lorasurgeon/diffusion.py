@@ -17,7 +17,7 @@ from .reader import TensorInfo
 
 __all__ = ["DiffusionChanges", "diffusion_changes", "is_lora_file", "refuse_float8"]
 
-_BIAS_PARTS = ("diff_b", "b_norm")
+_BIAS_PARTS = ("diff_b", "b_norm", "up_bias")  # full, norm, diffusers lora_B.bias
 
 
 def is_lora_file(path: Path) -> bool:
@@ -98,6 +98,31 @@ def _check_dora(lora: Path, update: ModuleUpdate, target: Target, unmerge: bool)
         )  # fmt: skip
 
 
+def _check_magnitude(lora: Path, update: ModuleUpdate, target: Target, unmerge: bool) -> None:
+    """PEFT's DoRA (diffusers ``lora_magnitude_vector``) rescales whole output rows."""
+    magnitude = update.factors["magnitude"]
+    if unmerge:
+        raise AdapterError(
+            "DoRA merges cannot be undone offline (the original weight norms are lost)",
+            path=lora, tensor=update.source,
+        )  # fmt: skip
+    whole = len(target.pieces) == 1 and target.pieces[0].weight_rows is None
+    if update.kind is not Kind.LORA or not whole or target.pieces[0].transposed:
+        raise AdapterError(
+            f"DoRA magnitude cannot be applied to base module {target.module}: it is a slice "
+            "of a fused tensor (OpenCLIP in_proj, FLUX qkv)",
+            path=lora, tensor=update.source,
+            hint="merge it into a checkpoint that stores the module as its own tensor "
+            "(a diffusers folder)",
+        )  # fmt: skip
+    if magnitude.numel != target.shape[0]:
+        raise AdapterError(
+            f"DoRA magnitude has {magnitude.numel} values for {target.shape[0]} output units "
+            f"of base module {target.module}",
+            path=lora, tensor=update.source, hint="was this LoRA made for another model?",
+        )  # fmt: skip
+
+
 def _scaling(update: ModuleUpdate, weight: float, sign: float) -> float:
     """m · s: full and norm updates have s = 1 (spec §4)."""
     base = 1.0 if update.kind in (Kind.FULL, Kind.NORM) else update.scaling
@@ -117,13 +142,15 @@ def diffusion_changes(
 
     A module's delta is ``m · s · Δ`` (spec §1.2, §4) with m its LoRA's UNet/transformer or
     text-encoder weight; m = 0 leaves the module untouched (spec §5.3). DoRA (``dora_scale``)
-    modules give ``W + m·(g·(W + s·Δ)/‖W + s·Δ‖ − W)`` (ComfyUI's convention, spec §1.5).
+    modules give ``W + m·(g·(W + s·Δ)/‖W + s·Δ‖ − W)`` (ComfyUI's convention, spec §1.5);
+    diffusers DoRA (``lora_magnitude_vector``) modules ``g·(W + m·s·Δ)/‖W + m·s·Δ‖`` (PEFT's merge
+    after diffusers' ``fuse_lora(lora_scale=m)``).
 
     Raises:
         IncompatibleError: a module that fits no target (see ``resolve_updates``), two modules
             of one file on the same target.
-        AdapterError: a DoRA (``dora_scale``) module on a slice of a tensor or with a scale of
-            the wrong size, or DoRA with ``unmerge``.
+        AdapterError: a DoRA (``dora_scale`` or ``lora_magnitude_vector``) module on a slice of
+            a tensor or with a scale of the wrong size, or DoRA with ``unmerge``.
     """
     per_tensor: dict[tuple[Path, str], list[Change]] = {}
     skipped = []
@@ -138,6 +165,8 @@ def diffusion_changes(
             weight = text_weights[i] if update.component.is_text_encoder else unet_weights[i]
             if update.dora_scale is not None:
                 _check_dora(lora.path, update, target, unmerge)
+            if "magnitude" in update.factors:
+                _check_magnitude(lora.path, update, target, unmerge)
             if weight == 0:
                 continue
             for piece in target.pieces:

@@ -298,15 +298,6 @@ def test_family_from_metadata_else_names(
         ),
         ({"unet.a.lora_A.weight": (2, 4)}, r"no up \(lora_B\) weight", "unet.a"),
         (
-            {
-                "unet.a.lora_A.weight": (2, 4),
-                "unet.a.lora_B.weight": (4, 2),
-                "unet.a.lora_magnitude_vector": (4,),
-            },
-            "lora_magnitude_vector",
-            "unet.a.lora_magnitude_vector",
-        ),
-        (
             {"base_model.model.x.lora_A.weight": (2, 4)},
             "no known LoRA format",
             "base_model.model.x.lora_A.weight",

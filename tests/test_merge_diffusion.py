@@ -659,3 +659,159 @@ def test_diffusers_folder_failure_leaves_nothing(
     assert (tmp_path / "out" / "keep").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "lora.safetensors", "out"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["keep", "model_index.json"]
+
+
+def _peft_dora(module: nn.Module, targets: list[str]) -> nn.Module:
+    """A copy of ``module`` with a PEFT DoRA LoRA (r 4, alpha 8) on ``targets``: non-zero
+    lora_B, magnitudes moved off the base's norms."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True)
+    module = inject_adapter_in_model(config, copy.deepcopy(module))
+    module.peft_config = {"default": config}
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1.0 + 0.2 * torch.rand_like(p))
+    return module
+
+
+def _dora_layers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT's saved names: no adapter name, the magnitude bare (``lora_magnitude_vector``)."""
+    return {
+        name.replace(".default", "").replace("vector.weight", "vector"): p.detach().clone()
+        for name, p in module.named_parameters()
+        if "lora_" in name
+    }
+
+
+def _peft_fused(module: nn.Module, scale: float) -> dict[str, torch.Tensor]:
+    """PEFT's own merge after scale_layer(scale): what diffusers' fuse_lora(lora_scale) does."""
+    from peft.tuners.lora import LoraLayer
+
+    module = copy.deepcopy(module)
+    for layer in module.modules():
+        if isinstance(layer, LoraLayer):
+            layer.scale_layer(scale)
+            layer.merge()
+    return {
+        k.replace(".base_layer", ""): v for k, v in module.state_dict().items() if "lora_" not in k
+    }
+
+
+def _dora_file(model: TinySD, tmp_path: Path, *, text: bool = True) -> tuple[Path, list[nn.Module]]:
+    """A diffusers save_lora_weights file of PEFT DoRA LoRAs on UNet attention and a 3×3 conv
+    and (``text``) the first text encoder's q_proj and fc1; also the PEFT-wrapped modules."""
+    from diffusers import StableDiffusionPipeline
+
+    unet = _peft_dora(model.unet, ["to_q", "to_v", "conv1"])
+    kwargs: dict[str, object] = {}
+    wrapped = [unet]
+    if text:
+        encoder = _peft_dora(model.text_encoders[0], ["q_proj", "fc1"])
+        wrapped.append(encoder)
+        kwargs = {
+            "text_encoder_lora_layers": _dora_layers(encoder),
+            "text_encoder_lora_adapter_metadata": encoder.peft_config["default"].to_dict(),
+        }
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path,
+        unet_lora_layers=_dora_layers(unet),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        **kwargs,
+    )
+    return tmp_path / "pytorch_lora_weights.safetensors", wrapped
+
+
+def test_diffusers_dora_file_equals_peft_and_diffusers_fuse(
+    models: dict[str, TinySD], tmp_path: Path
+) -> None:
+    """A diffusers DoRA file (lora_magnitude_vector) into an LDM SD1 file: PEFT's DoRA merge
+    of W + m·s·Δ on Linear and 3×3 conv modules of the UNet and the text encoder, equal to
+    PEFT's own merge after scale_layer(m) and, for the UNet, to diffusers' fuse_lora(m).
+    (diffusers 0.42 with transformers 5 drops text-encoder magnitudes when loading: there PEFT
+    is the only oracle.)"""
+    model = models["sd1"]
+    lora, (unet, encoder) = _dora_file(model, tmp_path)
+    assert any(k.endswith("lora_magnitude_vector") for k in load_file(str(lora)))
+    base = save_ldm(model, tmp_path / "base.safetensors")
+    lorasurgeon.merge(base, [lora], tmp_path / "out.safetensors", weights=[0.7])
+    fused_unet = _peft_fused(unet, 0.7)
+    expected = {
+        "model.diffusion_model." + ldm: fused_unet[name]
+        for name, ldm in ldm_names(list(fused_unet)).items()
+    }
+    expected |= {
+        "cond_stage_model.transformer." + k: v
+        for k, v in _text_state_of(_peft_fused(encoder, 0.7)).items()
+    }
+    original = load_file(str(base))
+    changed = {k: v for k, v in expected.items() if not torch.equal(v, original[k])}
+    assert any("in_layers.2" in k for k in changed) and any("attn1.to_q" in k for k in changed)
+    assert any("q_proj" in k for k in changed) and any("fc1" in k for k in changed)
+    assert_merged(tmp_path / "out.safetensors", base, changed, atol=2e-6)
+    by_diffusers = diffusers_fused_ldm(model, lora, 0.7)
+    got = load_file(str(tmp_path / "out.safetensors"))
+    for name in (k for k in changed if k.startswith("model.diffusion_model.")):
+        torch.testing.assert_close(got[name], by_diffusers[name], rtol=0, atol=2e-6)
+
+
+def _text_state_of(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {
+        (k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
+        for k, v in state.items()
+    }
+
+
+def test_diffusers_dora_on_a_fused_tensor_or_unmerged_is_refused(
+    models: dict[str, TinySD], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DoRA rescales whole rows: onto SD2's fused OpenCLIP in_proj (q_proj rows) it is an
+    error naming the file and module, and nothing is written; --unmerge likewise."""
+    model = models["sd2"]
+    lora, _ = _dora_file(model, tmp_path)
+    base = save_ldm(model, tmp_path / "base.safetensors")
+    out = tmp_path / "out.safetensors"
+    code, err = _run(capsys, "merge", base, lora, "-o", out)
+    assert code == 1 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "q_proj" in err and lora.name in err and not out.exists()
+    unet_only, _ = _dora_file(model, tmp_path / "u", text=False)
+    code, err = _run(capsys, "merge", base, unet_only, "-o", out, "--unmerge")
+    assert code == 1 and "cannot be undone" in err and not out.exists()
+
+
+def test_diffusers_file_with_lora_bias_adds_the_bias_delta(
+    models: dict[str, TinySD], tmp_path: Path
+) -> None:
+    """A diffusers file of a lora_bias LoRA (lora_B.bias) into an LDM SD1 file: the base
+    bias gets m·s·lora_B.bias as in PEFT's merge after scale_layer(m), on Linear and conv
+    modules, weights as usual."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = models["sd1"]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_out.0", "conv1"], lora_bias=True)
+    unet = inject_adapter_in_model(config, copy.deepcopy(model.unet))
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    layers = _dora_layers(unet)
+    assert any(k.endswith("lora_B.bias") for k in layers)
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=layers, unet_lora_adapter_metadata=config.to_dict()
+    )
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    base = save_ldm(model, tmp_path / "base.safetensors")
+    lorasurgeon.merge(base, [lora], tmp_path / "out.safetensors", weights=[0.7])
+    fused = _peft_fused(unet, 0.7)
+    expected = {
+        "model.diffusion_model." + ldm: fused[name] for name, ldm in ldm_names(list(fused)).items()
+    }
+    original = load_file(str(base))
+    changed = {k: v for k, v in expected.items() if not torch.equal(v, original[k])}
+    assert any(k.endswith("to_out.0.bias") for k in changed)
+    assert any(k.endswith("in_layers.2.bias") for k in changed)
+    assert_merged(tmp_path / "out.safetensors", base, changed, atol=2e-6)

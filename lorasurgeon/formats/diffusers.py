@@ -34,7 +34,8 @@ DIFFUSERS_COMPONENTS: dict[str, Component] = {
     "text_encoder": Component.TE1,
     "text_encoder_2": Component.TE2,
 }
-_PEFT_PARTS = {"lora_A.weight": "down", "lora_B.weight": "up", "lora_B.bias": "up_bias"}
+_PEFT_PARTS = {"lora_A.weight": "down", "lora_B.weight": "up", "lora_B.bias": "up_bias",
+               "lora_magnitude_vector": "magnitude"}  # fmt: skip
 _OLD_SUFFIXES = (
     ".lora.down.weight", ".lora.up.weight", ".lora_linear_layer.down.weight",
     ".lora_linear_layer.up.weight", "_lora.down.weight", "_lora.up.weight",
@@ -130,12 +131,12 @@ def _group(
         if key.endswith(".alpha"):
             part = "alpha"
         if found is None or part is None:
-            what = "lora_magnitude_vector (DoRA)" if key.endswith("magnitude_vector") else "key"
             raise AdapterError(
-                f"unsupported {what} in a diffusers LoRA",
+                "unsupported key in a diffusers LoRA",
                 path=path,
                 tensor=key,
-                hint="only lora_A/lora_B weights, lora_B biases and alphas can be read",
+                hint="only lora_A/lora_B weights, lora_B biases, DoRA magnitudes "
+                "(lora_magnitude_vector) and alphas can be read",
             )
         prefix = found[0]
         module = key[len(prefix) + 1 : -len(part) - 1]
@@ -151,7 +152,9 @@ def read_diffusers_modules(
 ) -> tuple[ModuleUpdate, ...]:
     """Every module of a PEFT-style diffusers file. Scaling per spec §3.1: the component's
     LoraConfig from ``lora_adapter_metadata`` (alpha/rank patterns, rsLoRA) when present, else
-    a module's own ``.alpha`` key, else s = 1 as diffusers loads such files.
+    a module's own ``.alpha`` key, else s = 1 as diffusers loads such files. A DoRA module's
+    ``lora_magnitude_vector`` is its ``magnitude`` factor (PEFT's DoRA, one norm per output
+    unit).
 
     Raises:
         AdapterError: an unknown key, a module missing lora_A or lora_B, bad metadata.

@@ -83,7 +83,8 @@ class ModuleUpdate:
     ``factors`` maps canonical part names to tensors: ``down``/``up``/``mid`` (LoRA, LoCon),
     ``up_bias`` (diffusers ``lora_B.bias``), ``w1a``/``w1b``/``w2a``/``w2b``/``t1``/``t2``
     (LoHa), ``w1``/``w1a``/``w1b``/``w2``/``w2a``/``w2b``/``t2`` (LoKr), ``diff``/``diff_b``
-    (full), ``w_norm``/``b_norm`` (norm). ``scaling`` is the multiplier-free factor the
+    (full), ``w_norm``/``b_norm`` (norm); a diffusers DoRA module adds ``magnitude`` (PEFT's
+    ``lora_magnitude_vector``). ``scaling`` is the multiplier-free factor the
     format defines (α/r, or 1 where the format stores no alpha).
     """
 
