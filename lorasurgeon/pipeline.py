@@ -162,11 +162,19 @@ class BufferPool:
     def __init__(self, size: int, count: int) -> None:
         self.size = size
         self._free: queue.Queue[bytearray] = queue.Queue()
-        for _ in range(count):
-            self._free.put(bytearray(size))
+        self._unmade = count  # buffers are made on first need: an unused pool costs nothing
+        self._lock = threading.Lock()
 
     def acquire(self, stop: threading.Event) -> bytearray:
         while True:
+            try:
+                return self._free.get_nowait()
+            except queue.Empty:
+                pass
+            with self._lock:
+                if self._unmade > 0:
+                    self._unmade -= 1
+                    return bytearray(self.size)
             try:
                 return self._free.get(timeout=0.1)
             except queue.Empty:

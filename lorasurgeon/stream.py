@@ -111,8 +111,17 @@ def _read_inputs(
     return _Loaded(start, others)
 
 
-def _compute(t: TensorPlan, inputs: _Loaded, device: Any, out: bytearray) -> memoryview:
-    """Merge one tensor into ``out`` and return the bytes to store."""
+def _in_place(t: TensorPlan) -> bool:
+    """Whether ``t`` is merged into its own read buffer: same dtype in and out (the blocked
+    merge reads each block of rows before writing it), which saves a result buffer."""
+    return t.dtype == t.start.dtype and t.start.shape == t.base.shape
+
+
+def _compute(
+    t: TensorPlan, inputs: _Loaded, device: Any, out: bytearray, files: TensorFiles
+) -> memoryview:
+    """Merge one tensor into ``out`` (which may be ``inputs.start`` itself) and return the
+    bytes to store."""
     from . import ops
 
     loaded = {info: as_tensor(info, data) for info, data in inputs.others.items()}
@@ -120,6 +129,8 @@ def _compute(t: TensorPlan, inputs: _Loaded, device: Any, out: bytearray) -> mem
     result = as_tensor(t.base, out, t.dtype)
     ops.apply_updates(start, _updates(t, loaded, device), result.dtype, out=result)
     if not ops.all_finite(result):
+        if out is inputs.start:  # the stored tensor was overwritten: read it again to judge
+            start = as_tensor(t.start, files.read(t.start))
         _refuse_non_finite(t, start, loaded)
     return memoryview(out)[: _out_bytes(t)]
 
@@ -145,7 +156,9 @@ def computed_tensors(plan: MergePlan, device: str) -> Callable[[TensorFiles], It
 
     def produce(files: TensorFiles) -> Iterator[Computed]:
         stop = threading.Event()
-        reads = BufferPool(largest, 2)  # prefetch depth 1: one being merged, one read ahead
+        # Reads: one read ahead, one being merged, and (merged in place) one queued for and
+        # one in the writer. Results, for tensors whose dtype changes: made only if needed.
+        reads = BufferPool(largest, 3)
         results = BufferPool(largest, 3)  # one merged, one queued, one being written
         ahead = Readahead(
             computed, lambda t: t.start.nbytes, lambda t: files.advise(t.start),
@@ -164,15 +177,17 @@ def computed_tensors(plan: MergePlan, device: str) -> Callable[[TensorFiles], It
             dev = ops.resolve_device(device)
             with ops.one_compute_thread(dev):
                 for t, inputs in loads:
-                    buffer = results.acquire(stop)
+                    pool = reads if _in_place(t) and dev.type == "cpu" else results
+                    buffer = inputs.start if pool is reads else results.acquire(stop)
                     try:
-                        data = _compute(t, inputs, dev, buffer)
+                        data = _compute(t, inputs, dev, buffer, files)
                     except BaseException:
-                        results.release(buffer)
+                        pool.release(buffer)
                         raise
                     finally:
-                        reads.release(inputs.start)
-                    yield Computed(t.name, data, functools.partial(_release, data, results, buffer))
+                        if pool is not reads:
+                            reads.release(inputs.start)
+                    yield Computed(t.name, data, functools.partial(_release, data, pool, buffer))
         finally:
             stop.set()
             loads.close()  # type: ignore[attr-defined]

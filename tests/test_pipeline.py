@@ -277,6 +277,17 @@ def test_buffer_pool_hands_out_each_buffer_once_until_released() -> None:
     assert pool.acquire(threading.Event()) is first
 
 
+def test_buffer_pool_makes_a_buffer_only_when_none_is_free() -> None:
+    from lorasurgeon.pipeline import BufferPool
+
+    pool = BufferPool(16, 3)
+    first = pool.acquire(threading.Event())
+    pool.release(first)
+    assert pool.acquire(threading.Event()) is first  # reused, no second buffer made
+    second = pool.acquire(threading.Event())
+    assert second is not first
+
+
 @pytest.mark.parametrize(
     ("sizes", "window", "steps", "expected"),
     [
