@@ -203,11 +203,17 @@ def _check_shapes(module: str, sources: Sequence[Source], adapters: Sequence[Ada
             )  # fmt: skip
 
 
-def _output_rank(
-    module: str, sources: Sequence[Source], options: CombineSettings, shape: tuple[int, int],
-    svd_rank: int, adapters: Sequence[Adapter],
+def output_rank(
+    options: CombineSettings, ranks: Sequence[int], shape: tuple[int, int], svd_rank: int,
+    module: str, inputs: Sequence[str],
 ) -> int:  # fmt: skip
-    ranks = [s.lora.rank for s in sources]
+    """The rank of one combined module: the --svd rank (at most what the sum or the matrix
+    holds), the summed ranks for cat, the one shared rank for the factor-wise methods.
+
+    Raises:
+        OptionError: a factor-wise method over modules of different ranks (``module`` in
+            ``inputs``).
+    """
     if options.svd:
         available = sum(ranks) if options.method is CombineMethod.LINEAR else min(shape)
         return min(svd_rank, available, *shape)
@@ -215,11 +221,11 @@ def _output_rank(
         return sum(ranks)
     if len(set(ranks)) > 1:
         raise OptionError(
-            f"{options.method.value} merges lora_A and lora_B element by element and needs equal "
-            f"ranks, but {module} has ranks {ranks} in "
-            + ", ".join(str(adapters[s.adapter].path) for s in sources),
+            f"{options.method.value} merges the down (A) and up (B) factors element by element "
+            f"and needs equal ranks, but {module} has ranks {list(ranks)} in "
+            + ", ".join(inputs),
             hint="--method cat or --svd combine any ranks",
-        )
+        )  # fmt: skip
     return ranks[0]
 
 
@@ -236,7 +242,9 @@ def _plan_modules(adapters: Sequence[Adapter], options: CombineSettings) -> list
         _check_shapes(name, sources, adapters)
         first = sources[0].lora
         shape = (first.lora_b.shape[0], math.prod(first.lora_a.shape[1:]))
-        rank = _output_rank(name, sources, options, shape, svd_rank, adapters)
+        ranks = [s.lora.rank for s in sources]
+        inputs = [str(adapters[s.adapter].path) for s in sources]
+        rank = output_rank(options, ranks, shape, svd_rank, name, inputs)
         dtype = options.dtype or "F32"  # PEFT's: it computes on float32 copies
         planned.append(PlannedModule(name, tuple(sources), rank, shape, dtype))
     if not planned:

@@ -31,6 +31,7 @@ from .combine import (
     departure_note,
     fold_scaling,
     linear_note,
+    output_rank,
 )
 from .engine import Computed
 from .formats import Kind, LoraFile
@@ -216,33 +217,6 @@ def resize_file(
 # combine
 
 
-def _output_rank(group: Sequence[FileModule], options: CombineSettings, svd_rank: int) -> int:
-    """As ``combine``: the --svd rank (at most what the sum or the matrix holds), the summed
-    ranks for cat, the one shared rank for the factor-wise methods.
-
-    Raises:
-        OptionError: a factor-wise method over modules of different ranks.
-    """
-    from .errors import OptionError
-    from .options import CombineMethod
-
-    ranks = [m.rank for m in group]
-    shape = group[0].shape
-    if options.svd:
-        available = sum(ranks) if options.method is CombineMethod.LINEAR else min(shape)
-        return min(svd_rank, available, *shape)
-    if options.method is CombineMethod.CAT:
-        return sum(ranks)
-    if len(set(ranks)) > 1:
-        raise OptionError(
-            f"{options.method.value} merges lora_down and lora_up element by element and needs "
-            f"equal ranks, but {group[0].update.source} has ranks {ranks} in "
-            + ", ".join(str(m.path) for m in group),
-            hint="--method cat or --svd combine any ranks",
-        )
-    return ranks[0]
-
-
 def _planned(group: Sequence[FileModule], options: CombineSettings, rank: int) -> PlannedModule:
     """The group as combine's planned module (its sources' factors are loaded here, not by
     combine), for combine's own math."""
@@ -320,7 +294,11 @@ def combine_files(
     target = output_format(reads, fmt)
     groups = match_modules(reads)
     svd_rank = options.rank or max(m.rank for g in groups for m in g)
-    ranks = [_output_rank(g, options, svd_rank) for g in groups]
+    ranks = [
+        output_rank(options, [m.rank for m in g], g[0].shape, svd_rank, g[0].update.source,
+                    [str(m.path) for m in g])
+        for g in groups
+    ]  # fmt: skip
     alpha = float(max(ranks))
     outs = [
         resized_module(g[0], module_name(g[0], reads[g[0].index], target), k, alpha,
