@@ -75,7 +75,8 @@ def _compute_options(f: F) -> F:
 
 _ADAPTER_OUTPUT = click.option(
     "-o", "--output", "out", required=True, metavar="OUT",
-    help="The PEFT adapter directory to write.",
+    help="What to write: a PEFT adapter directory, or with --format kohya/diffusers (the "
+    "default for diffusion inputs) one LoRA .safetensors file.",
 )  # fmt: skip
 _UNIFORM_RANK = click.option(
     "--uniform-rank", is_flag=True,
