@@ -343,8 +343,6 @@ def _check_values(command: Command, options: Mapping[str, Any]) -> None:
                    options.get("param_budget"), options.get("min_rank", 1),
                    options.get("max_rank"), options.get("sv_ratio"),
                    options.get("sv_cumulative"))  # fmt: skip
-        if command is Command.RESIZE and method is RankMethod.FIXED and "rank" not in options:
-            raise OptionError("give rank, or another rank-method (energy, budget, ...)")
     if command is Command.EXTRACT:
         choice(SvdMethod, options.get("svd", "randomized"), "svd")
     if command is Command.CONVERT:

@@ -569,3 +569,11 @@ def _ray_env() -> tuple[dict[str, str], list[str]]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), extra]),
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # fmt: skip
     return env, [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+def test_a_resize_job_without_a_rank_keeps_the_ranks_as_the_command_does(tmp_path: Path) -> None:
+    job = {"name": "keep", "command": "resize", "inputs": [ADAPTER], "output": "out/keep"}
+    result = run_batch(str(write_manifest(tmp_path, [job])))
+    assert result.exit_code == 0, result.output
+    lorasurgeon.resize(ADAPTER, tmp_path / "single")
+    assert weights(tmp_path / "out" / "keep") == weights(tmp_path / "single")
