@@ -377,6 +377,10 @@ def module_delta(
     pieces' tensors, from ``read_pieces``."""
     import torch
 
+    if len(stored) == 1 and m.base[0][0].delta_rows is None:  # one piece: no zeroed matrix
+        (piece, _), ((base, tuned),) = m.base[0], stored
+        rows = _rows(piece, tuned, device).sub_(_rows(piece, base, device))
+        return rows.reshape(m.matrix_shape).contiguous()
     delta = torch.zeros(m.matrix_shape, dtype=torch.float32, device=device)
     for ((piece, _), _), (base, tuned) in zip(zip(m.base, m.tuned, strict=True), stored,
                                               strict=True):  # fmt: skip
@@ -415,7 +419,7 @@ def decompose_modules(
     """
     import torch
 
-    from . import lowrank, ops
+    from . import lowrank
 
     generator = torch.Generator(device=device).manual_seed(0)
     total = sum(i.nbytes for m in plan.modules for _, i in (*m.base, *m.tuned))
@@ -427,13 +431,14 @@ def decompose_modules(
                                   stop=stop):  # fmt: skip
             delta = module_delta(m, stored, device)
             del stored
-            if not ops.all_finite(delta):
+            low, high = torch.aminmax(delta) if delta.numel() else (delta.new_zeros(()),) * 2
+            if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):  # NaN propagates
                 raise IncompatibleError(
                     "tuned - base is not finite (inf or NaN in a checkpoint)",
                     path=plan.tuned.path, tensor=m.name,
                     hint=f"leave it out with --exclude-modules {m.name}",
                 )  # fmt: skip
-            max_abs = float(delta.abs().max()) if delta.numel() else 0.0
+            max_abs = max(-float(low), float(high))  # one pass: no |delta| copy
             if max_abs == 0:
                 yield None
             else:

@@ -375,3 +375,16 @@ def test_diffusion_options_on_transformers_checkpoints_are_usage_errors(
     for args in (["--format", "kohya"], ["--conv-rank", "4"], ["--min-te-diff", "0.1"]):
         code, err = _run(capsys, "extract", gpt2.path, gpt2.path, "-o", tmp_path / "out", *args)
         assert code == 2 and err.startswith("error: ") and "diffusion checkpoints" in err, err
+
+
+def test_a_non_finite_change_is_refused_by_name(models: dict[str, TinySD], tmp_path: Path) -> None:
+    model = models["sd1"]
+    base = save_ldm(model, tmp_path / "base.safetensors")
+    tuned = tuned_model(model)
+    with torch.no_grad():
+        _module(tuned.unet, "down_blocks.1.resnets.0.conv1").weight[0, 0, 0, 0] = float("nan")
+    tuned_path = save_ldm(tuned, tmp_path / "tuned.safetensors")
+    with pytest.raises(lorasurgeon.IncompatibleError, match="not finite") as caught:
+        extract(base, tuned_path, tmp_path / "lora.safetensors", rank=4)
+    assert caught.value.tensor == "down_blocks.1.resnets.0.conv1"
+    assert not (tmp_path / "lora.safetensors").exists()
