@@ -36,11 +36,12 @@ _MB = 10**6
 # lorasurgeon"` peaks at 229 MB; merge, extract, combine and resize of the tiny fixtures at
 # 246-266 MB (which parts of torch load varies). Every job is this much plus its own work.
 PROCESS_BYTES = 320 * _MB
-# merge (stream.py): 2 read + 3 result buffers of the largest merged tensor as stored; the CPU
+# merge (stream.py): at most 5 buffers of the largest merged tensor as stored (3 read buffers,
+# merged in place when the dtype is kept; with --dtype 2 read + 3 result buffers); the CPU
 # LoRA path then works in small row blocks, every other path (DoRA, replaced tensors, a GPU,
 # diffusion modules) on whole float32 copies: start, delta and result. Plus each adapter's
 # largest tensor, as stored and in float32. Measured: the 1.1B bf16 merge (largest merged
-# tensor 23 MB, a 50 MB float32 adapter) peaks at 382 MB; estimate 436 MB.
+# tensor 23 MB, a 50 MB float32 adapter) peaks at 330 MB; estimate 436 MB.
 _MERGE_BUFFERS = 5
 _MERGE_DENSE_COPIES = 3
 # extract (extract.py): 6 pooled buffers (three pairs read ahead) of the largest stored
